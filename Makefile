@@ -1,0 +1,62 @@
+# kmodd — one entry point for humans and CI.  `make test` and `make demo` install
+# everything they need on a fresh Debian 12 machine (run as root).
+
+PYTHON      ?= /usr/bin/python3
+VENV        := .venv
+VPY         := $(VENV)/bin/python
+# apt packages: kmod is the oracle (modprobe/depmod) and libkmod; libsystemd-dev,
+# pkg-config, gcc and python3-dev build systemd-python; qemu runs the real kernel;
+# udev/systemd give the real udevd and journald the runtime tests talk to.
+APT_PACKAGES := kmod libkmod2 libsystemd-dev pkg-config gcc python3-dev python3-venv \
+                qemu-system-x86 udev systemd util-linux procps psmisc busybox-static \
+                ca-certificates
+
+.PHONY: help apt venv kernel-tree test test-fast lint demo bench clean
+
+help:
+	@echo "make test         install everything, then run the whole suite (what CI runs)"
+	@echo "make demo         boot a real kernel with kmodd as its modprobe helper"
+	@echo "make bench        benchmarks against kmod, written to docs/benchmarks.md"
+	@echo "make test-fast    the suite without the VM and oracle tests"
+	@echo "make lint         ruff + mypy --strict"
+
+# Install missing apt packages (needs root).  dpkg-query keeps a warm machine fast.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" != 0 ]; then echo "need root to install: $$missing" >&2; exit 1; fi; \
+	    echo "apt: installing $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml | apt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: apt $(VENV)/.stamp
+
+kernel-tree: venv
+	$(VPY) -m tests.kerneltree
+
+test: venv kernel-tree
+	$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: venv
+	$(VPY) -m pytest -p no:cacheprovider -m 'not vm and not oracle' $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+demo: venv kernel-tree
+	$(VPY) -m tests.vm.demo
+
+bench: venv kernel-tree
+	$(VPY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
