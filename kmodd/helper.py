@@ -14,6 +14,12 @@ Rules for this file (see docs/protocol.md):
   (enum, selectors), `_socket` adds ~0.1 ms; so module level imports only builtins.
 """
 
+import _socket
+import os
+import sys
+import syslog  # builtin, like time and _socket: ~0.05 ms each
+import time
+
 # ----------------------------------------------------------------------------------------
 # Contract constants (imported by kmodd.daemon, kmodd.policy.compile, kmodd.cli, tests).
 
@@ -72,9 +78,7 @@ def normalize(name: str) -> str:
             depth = 1
         elif ch == "]":
             depth = 0
-        elif ch == "-" and not depth:
-            ch = "_"
-        out.append(ch)
+        out.append("_" if ch == "-" and not depth else ch)
     return "".join(out)
 
 
@@ -83,3 +87,224 @@ def valid_name(name: bytes) -> bool:
     if not 0 < len(name) <= NAME_MAX:
         return False
     return all(NAME_MIN_BYTE <= b <= NAME_MAX_BYTE and b != 0x2F for b in name)
+
+
+# ----------------------------------------------------------------------------------------
+# The program.  Everything below runs as the kernel's usermode helper: plain functions and
+# tuples over builtin modules only (no typing, dataclasses, enum, re, json, socket).
+
+TRACE_ENV = "KMODD_HELPER_TRACE"  # tests only: dump sys.modules to this new file before exit
+SYSLOG_FACILITY_DAEMON = 3 << 3  # LOG_DAEMON, without importing syslog up front
+
+
+def _fds_to_devnull() -> None:
+    """Fill closed fds 0-2 with /dev/null, so nothing we open (the socket, the snapshot)
+    becomes a std stream of the real modprobe we exec."""
+    fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    while fd <= 2:
+        os.set_inheritable(fd, True)
+        fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    os.close(fd)
+
+
+def _log(priority: int, message: str) -> None:
+    syslog.openlog(SYSLOG_IDENT, syslog.LOG_PID, SYSLOG_FACILITY_DAEMON)
+    syslog.syslog(priority, message)
+
+
+def _trace() -> None:
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.write(fd, "\n".join(sorted(sys.modules)).encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def runtime_dir() -> str:
+    return os.environ.get(RUNTIME_DIR_ENV) or RUNTIME_DIR
+
+
+def ask_daemon(sock_path: str, name: bytes, timeout: float = DECIDE_TIMEOUT_S) -> bytes | None:
+    """One `decide NAME` round trip; the reply line without its newline, or None if the
+    daemon did not answer in `timeout` seconds TOTAL (connect + send + receive)."""
+    deadline = time.monotonic() + timeout
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(sock_path)
+        sock.sendall(DECIDE_PREFIX + name + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or len(reply) > DECIDE_MAX:
+                return None
+            sock.settimeout(left)
+            chunk = sock.recv(DECIDE_MAX)
+            if not chunk:
+                return None
+            reply += chunk
+        return reply[:-1]
+    except OSError:  # includes TimeoutError, ConnectionRefusedError, FileNotFoundError
+        return None
+    finally:
+        sock.close()
+
+
+def read_snapshot(path: str) -> bytes | None:
+    """The whole snapshot, or None if it is missing, too big, or not complete (magic and
+    trailer both present: a torn or foreign file is never trusted)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = b""
+        while len(data) <= SNAPSHOT_MAX:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > SNAPSHOT_MAX or not data.startswith(SNAPSHOT_MAGIC):
+        return None
+    if not data.endswith(SNAPSHOT_END):
+        return None
+    return data
+
+
+def snapshot_header(data: bytes) -> dict[bytes, bytes]:
+    """The `key value` lines between the magic and the first blank line."""
+    end = data.find(b"\n\n")
+    header = {}
+    for line in data[len(SNAPSHOT_MAGIC) : end].split(b"\n"):
+        key, _, value = line.partition(b" ")
+        header[key] = value
+    return header
+
+
+def snapshot_lookup(data: bytes, key: bytes) -> tuple[bytes, bytes] | None:
+    """(verdict, rule) for KEY from the entry table, or None when KEY is not covered."""
+    start = data.find(b"\n\n") + 1  # the entry table starts after this newline
+    if start <= 0:
+        return None
+    at = data.find(b"\n" + key + b" ", start)
+    if at < 0:
+        return None
+    line = data[at + 1 : data.find(b"\n", at + 1)]
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[1] not in (b"a", b"d"):
+        return None
+    return parts[1], parts[2]
+
+
+def read_modprobe_path(snapshot_path: str) -> str:
+    """The real modprobe named in the snapshot header (its first 4 KiB), else the default."""
+    try:
+        fd = os.open(snapshot_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return DEFAULT_MODPROBE
+    try:
+        head = os.read(fd, 4096)
+    except OSError:
+        return DEFAULT_MODPROBE
+    finally:
+        os.close(fd)
+    if not head.startswith(SNAPSHOT_MAGIC):
+        return DEFAULT_MODPROBE
+    return _modprobe_from(snapshot_header(head))
+
+
+def _modprobe_from(header: dict[bytes, bytes]) -> str:
+    path = header.get(b"modprobe", b"")
+    if not path.startswith(b"/") or b"\n" in path:
+        return DEFAULT_MODPROBE
+    return os.fsdecode(path)
+
+
+def _exec_modprobe(modprobe: str, name: str) -> int:
+    _trace()
+    try:
+        os.execv(modprobe, [modprobe, "-q", "--", name])  # noqa: S606 -- no shell, on purpose
+    except OSError as err:
+        _log(3, f"cannot exec {modprobe} for {name}: {err.strerror}")
+    return EXIT_DENY
+
+
+def _deny(name: str) -> int:
+    _trace()
+    return EXIT_DENY
+
+
+def _from_snapshot(snapshot_path: str, name: str, why: str) -> int:
+    """The daemon did not answer: decide from the last compiled snapshot."""
+    data = read_snapshot(snapshot_path)
+    if data is None:
+        _log(4, f"fallback for {name}: {why}; no valid snapshot, running modprobe")
+        return _exec_modprobe(DEFAULT_MODPROBE, name)
+    header = snapshot_header(data)
+    modprobe = _modprobe_from(header)
+    found = snapshot_lookup(data, normalize(name).encode())
+    if found is None:
+        _log(4, f"fallback for {name}: {why}; not in snapshot, running modprobe")
+        return _exec_modprobe(modprobe, name)
+    verdict, rule = found
+    rule_s = rule.decode(errors="replace")
+    if verdict == b"a":
+        _log(5, f"fallback for {name}: {why}; snapshot allows (rule {rule_s})")
+        return _exec_modprobe(modprobe, name)
+    if header.get(b"mode") == b"permissive":
+        _log(4, f"fallback for {name}: {why}; snapshot would deny (rule {rule_s}), permissive")
+        return _exec_modprobe(modprobe, name)
+    _log(4, f"fallback for {name}: {why}; snapshot denies (rule {rule_s})")
+    return _deny(name)
+
+
+def decide(name: str) -> int:
+    raw = os.fsencode(name)
+    if not valid_name(raw):
+        _log(4, f"denied invalid request name {raw[: NAME_MAX * 2]!r}")
+        return _deny("?")
+    rdir = runtime_dir()
+    snapshot_path = rdir + "/" + SNAPSHOT_FILE
+    reply = ask_daemon(rdir + "/" + DECIDE_SOCKET, raw)
+    if reply is None:
+        return _from_snapshot(snapshot_path, name, "daemon did not answer")
+    verdict, _, _rule = reply.partition(b" ")
+    if verdict == b"allow":
+        return _exec_modprobe(read_modprobe_path(snapshot_path), name)
+    if verdict == b"deny":
+        return _deny(name)
+    why = "daemon error: " + reply[:200].decode(errors="replace")
+    return _from_snapshot(snapshot_path, name, why)
+
+
+def deny_stub(name: str) -> int:
+    """`HELPER --deny NAME`: the install command of the rendered modprobe.d (layer 2)."""
+    raw = os.fsencode(name)
+    shown = name if valid_name(raw) else repr(raw[: NAME_MAX * 2])
+    _log(4, f"denied {shown} through modprobe.d")
+    return _deny(name)
+
+
+def main(argv: list[str]) -> int:
+    _fds_to_devnull()
+    args = argv[1:]
+    if len(args) == 3 and args[0] == "-q" and args[1] == "--":
+        return decide(args[2])
+    if len(args) == 2 and args[0] == "--deny":
+        return deny_stub(args[1])
+    shown = " ".join(repr(a) for a in args)[:300]
+    _log(3, f"usage error: expected '-q -- NAME' or '--deny NAME', got {shown}")
+    _trace()
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
