@@ -69,6 +69,7 @@ class KmodContext:
         config_paths: Sequence[str | Path] | None = None,
         cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
+        self._ctx: int | None = None  # first: __del__ runs even when __init__ raises
         self.root = Path(root)
         self.release = release
         self.module_dir = self.root / "lib/modules" / release
@@ -80,7 +81,7 @@ class KmodContext:
                 f"no module index in {self.module_dir}",
                 hint=f"install the kernel's modules and run depmod -b {self.root} {release}",
             )
-        self._ctx: int | None = libkmod.new_context(str(self.module_dir), self.config_paths)
+        self._ctx = libkmod.new_context(str(self.module_dir), self.config_paths)
         self._cache: dict[str, Resolution] = {}
         self._cache_size = cache_size
         self._blacklist: frozenset[str] | None = None
@@ -94,11 +95,15 @@ class KmodContext:
 
     # --- lifecycle ---------------------------------------------------------------
 
-    def close(self) -> None:
-        if self._ctx is not None:
-            libkmod.free_context(self._ctx)
-            self._ctx = None
-            self._cache.clear()
+    def close(self) -> bool:
+        """Release the libkmod context; True when libkmod freed it (no leaked module
+        reference kept it alive).  Idempotent."""
+        if self._ctx is None:
+            return True
+        freed = libkmod.free_context(self._ctx)
+        self._ctx = None
+        self._cache.clear()
+        return freed
 
     def __enter__(self) -> KmodContext:
         return self

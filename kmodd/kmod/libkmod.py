@@ -174,8 +174,10 @@ def new_context(dirname: str, config_paths: tuple[str, ...] | None) -> int:
     return int(ctx)
 
 
-def free_context(ctx: int) -> None:
-    lib().kmod_unref(ctx)
+def free_context(ctx: int) -> bool:
+    """Drop our reference; True when the context was freed.  Every kmod_module holds a
+    reference on its context, so False here means a module reference leaked."""
+    return not lib().kmod_unref(ctx)
 
 
 def validate_resources(ctx: int) -> Resources:
