@@ -1,0 +1,122 @@
+"""The kmodctl verb table: names, help, arguments and (lazily imported) handlers.
+
+Every verb is a VerbSpec.  Handlers are named as "module:function" strings and imported
+only when the verb runs, so `kmodctl --help` and `kmodctl status` never pay for pydantic
+(~75 ms) or libkmod.  Other modules contribute verbs by exporting `VERBS: tuple[VerbSpec,
+...]`: kmodd.cli.online (status, reload) and kmodd.cli.install (install, uninstall) are
+picked up by kmodd.cli.main.PLUGIN_MODULES.  This module imports only the stdlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from kmodd.errors import KmoddError
+
+
+class Verb(StrEnum):
+    VALIDATE = "validate"
+    EXPLAIN = "explain"
+    SCHEMA = "schema"
+    STATUS = "status"
+    RELOAD = "reload"
+    INSTALL = "install"
+    UNINSTALL = "uninstall"
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser
+
+
+@dataclass(frozen=True, slots=True)
+class VerbSpec:
+    """One kmodctl verb.
+
+    `handler` is "package.module:function"; the function takes the parsed
+    argparse.Namespace (global options: root, kernel, runtime_dir, json, debug) and
+    returns the exit code (0 ok, 1 failure/invalid/deny).  Raise kmodd.errors.KmoddError
+    for user-facing failures: main() prints message and hint and exits 1.
+    """
+
+    verb: Verb
+    help: str  # one line, shown in `kmodctl --help`
+    handler: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+    description: str | None = None  # longer text for `kmodctl VERB --help`
+    epilog: str | None = None  # examples
+
+
+def _validate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="policy files or directories (*.yaml); default: the policy dirs under --root",
+    )
+
+
+def _explain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="a request name or module name")
+    parser.add_argument(
+        "--source",
+        choices=("kernel", "udev", "cli"),
+        default="kernel",
+        help="who asks (default: kernel, as if request_module() had called the helper)",
+    )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        metavar="PATH",
+        help="use these policy files/dirs instead of the policy dirs under --root",
+    )
+
+
+OFFLINE: tuple[VerbSpec, ...] = (
+    VerbSpec(
+        Verb.VALIDATE,
+        "check policy files; print every problem as FILE:LINE:COL",
+        "kmodd.cli.validate:run",
+        _validate_arguments,
+        description="Validate policy files without applying them.  Exit 0 if valid, 1 if"
+        " not; every problem is printed as FILE:LINE:COL: message (hint).",
+        epilog="examples:\n  kmodctl validate\n  kmodctl validate ./my-site.yaml\n"
+        "  kmodctl --root /mnt/image validate",
+    ),
+    VerbSpec(
+        Verb.EXPLAIN,
+        "show what NAME resolves to, what it would load, and the policy's verdict",
+        "kmodd.cli.explain:run",
+        _explain_arguments,
+        description="Resolve NAME with libkmod against --root, decide it with the policy"
+        " and show why.  Exit 0 if allowed, 1 if denied.",
+        epilog="examples:\n  kmodctl explain net-pf-5\n  kmodctl explain algif-aead --json\n"
+        "  kmodctl --root /mnt/image --kernel 6.1.0-28-amd64 explain ext4\n"
+        "  kmodctl explain 'pci:v00008086d00001572sv*sd*bc02sc00i00' --source udev",
+    ),
+    VerbSpec(
+        Verb.SCHEMA,
+        "print the policy JSON Schema (draft-07) for editors",
+        "kmodd.cli.schema:run",
+        description="Print the JSON Schema of policy files.  Save it and add"
+        " `# yaml-language-server: $schema=./kmodd-policy.schema.json` to a policy file.",
+        epilog="example:\n  kmodctl schema > /etc/kmodd/kmodd-policy.schema.json",
+    ),
+)
+
+
+def not_implemented(args: argparse.Namespace) -> int:
+    """Placeholder handler for verbs whose module has not landed yet."""
+    raise KmoddError(
+        f"kmodctl {args.verb} is not available in this build",
+        hint="use the offline verbs: validate, explain, schema",
+    )
+
+
+def stub(verb: Verb) -> VerbSpec:
+    """STUB for a plugin verb (status, reload, install, uninstall) whose module is absent."""
+    return VerbSpec(
+        verb, f"{verb} (not available in this build)", "kmodd.cli.verbs:not_implemented"
+    )

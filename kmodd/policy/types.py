@@ -1,0 +1,34 @@
+"""The policy vocabulary as plain StrEnums: no pydantic, cheap to import (hot path, CLI)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Action(StrEnum):
+    """What a rule (or the default) says about a module or request."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Verdict(StrEnum):
+    """What the policy says about a request (before permissive mode is applied)."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Mode(StrEnum):
+    """enforce: deny verdicts block.  permissive: they are logged as would-deny only."""
+
+    ENFORCE = "enforce"
+    PERMISSIVE = "permissive"
+
+
+class Source(StrEnum):
+    """Who asked for the module: the kernel (modprobe_path), udev (MODALIAS), kmodctl."""
+
+    KERNEL = "kernel"
+    UDEV = "udev"
+    CLI = "cli"

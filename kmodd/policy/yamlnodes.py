@@ -1,0 +1,155 @@
+"""Hostile-input-safe YAML: libyaml speed, no surprises, and a mark for every value.
+
+PyYAML's safe loader has three traps for a policy language (research/python-ecosystem.md
+§4.4): YAML 1.1 turns `no`/`off`/`yes`/`on` into booleans, duplicate keys silently keep
+the last value, and aliases let 1 KB expand into gigabytes ("billion laughs").  We let
+libyaml compose the node graph (C speed; ~20 ms for a 6,000-line file; libyaml itself
+caps flow nesting at 1,000) and build the Python data ourselves, refusing duplicates,
+aliases and deep nesting, and recording the line/column of every key and value so
+pydantic errors can be reported as FILE:LINE:COL.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+from kmodd.errors import Issue
+
+# A policy nests mapping → rules → rule → match → list → item: 6 levels.  32 is generous
+# and keeps our recursive walk far from Python's recursion limit.
+MAX_DEPTH = 32
+MAX_NODES = 200_000
+
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+
+Path_ = tuple[str | int, ...]
+
+
+class StrictLoader(_BaseLoader):  # type: ignore[valid-type,misc]
+    """CSafeLoader whose booleans are only true/false (YAML 1.2 core schema)."""
+
+
+# Resolvers are a class-level dict keyed by first character: copy it, drop every bool
+# resolver, and re-add the YAML 1.2 spellings only.
+StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()
+}
+StrictLoader.add_implicit_resolver(_BOOL_TAG, _BOOL_RE, list("tTfF"))
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    line: int  # 1-based
+    column: int  # 1-based
+
+
+@dataclass
+class Document:
+    """Plain data built from one YAML document, with marks for values and keys."""
+
+    data: object
+    marks: dict[Path_, Mark] = field(default_factory=dict)
+    key_marks: dict[Path_, Mark] = field(default_factory=dict)
+
+
+class YamlProblem(Exception):
+    """A located problem found while building the data (turned into an Issue)."""
+
+    def __init__(self, mark: Mark, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.mark = mark
+        self.message = message
+        self.hint = hint
+
+
+def _mark(node: yaml.Node) -> Mark:
+    return Mark(node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+class _Builder:
+    def __init__(self, loader: StrictLoader, doc: Document) -> None:
+        self.loader = loader
+        self.doc = doc
+        self.seen: set[int] = set()
+
+    def build(self, node: yaml.Node, path: Path_) -> object:
+        if id(node) in self.seen:
+            raise YamlProblem(
+                _mark(node),
+                "YAML aliases (*name) are not allowed in policy files",
+                "write the value out; aliases can expand a small file into gigabytes",
+            )
+        self.seen.add(id(node))
+        if len(self.seen) > MAX_NODES:
+            raise YamlProblem(_mark(node), f"more than {MAX_NODES} YAML nodes")
+        if len(path) > MAX_DEPTH:
+            raise YamlProblem(_mark(node), f"nesting deeper than {MAX_DEPTH} levels")
+        self.doc.marks[path] = _mark(node)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        return self._scalar(node)
+
+    def _scalar(self, node: yaml.Node) -> object:
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as err:
+            raise YamlProblem(_mark(node), str(err.problem or err)) from None
+        except (ValueError, OverflowError) as err:  # e.g. a timestamp out of range
+            raise YamlProblem(_mark(node), f"bad scalar: {err}") from None
+
+    def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[object, object]:
+        out: dict[object, object] = {}
+        first: dict[object, Mark] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise YamlProblem(_mark(key_node), "mapping keys must be plain scalars")
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise YamlProblem(_mark(key_node), "merge keys (<<) are not allowed")
+            key = self._scalar(key_node)
+            if not isinstance(key, str | int):
+                key = str(key)
+            if key in first:
+                where = first[key]
+                raise YamlProblem(
+                    _mark(key_node),
+                    f"duplicate key {key!r}",
+                    f"first at line {where.line} column {where.column}; remove one of them",
+                )
+            first[key] = _mark(key_node)
+            self.doc.key_marks[(*path, key)] = _mark(key_node)
+            out[key] = self.build(value_node, (*path, key))
+        return out
+
+
+def load_document(text: str, path: str) -> tuple[Document | None, list[Issue]]:
+    """Parse TEXT (one YAML document).  Returns (document, []) or (None, issues)."""
+    loader = StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return Document(None), []
+        doc = Document(None)
+        doc.data = _Builder(loader, doc).build(node, ())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+        problem = err.problem or err.context or "invalid YAML"
+        hint = "indent with spaces, not tabs" if "\t" in text and "token" in problem else None
+        return None, [Issue(path, line, col, f"YAML syntax: {problem}", hint)]
+    except yaml.YAMLError as err:
+        return None, [Issue(path, 0, 0, f"YAML: {err}")]
+    except YamlProblem as err:
+        return None, [Issue(path, err.mark.line, err.mark.column, err.message, err.hint)]
+    except RecursionError:
+        return None, [Issue(path, 0, 0, "YAML nesting too deep")]
+    finally:
+        loader.dispose()
+    return doc, []
