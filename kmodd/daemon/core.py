@@ -1,0 +1,383 @@
+"""The core: one thread owns all daemon state and serves both sockets.
+
+Other threads (watcher, udev, signal handlers, the generation builder) only `post` events;
+a SimpleQueue (re-entrant, so signal handlers may post) plus an eventfd wakes the
+selectors loop.  Why decisions run on this thread rather than under a lock: libkmod
+contexts are not thread-safe, a warm decision is a dict hit (~10 us), and one loop gives
+a total order between a reload's swap and the decisions around it.  Building a new
+generation (load + compile + render, ~1 s) is the only slow step, so it runs on a builder
+thread with its own libkmod context and the result is swapped in here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kmodd import helper, wire
+from kmodd.daemon import records
+from kmodd.daemon.events import (
+    Event,
+    FilesChanged,
+    ReloadCause,
+    ReloadRequested,
+    Stop,
+    Tick,
+    UdevDevice,
+    UdevLost,
+)
+from kmodd.daemon.generation import BuildOptions, Generation, build_generation, error_lines, publish
+from kmodd.daemon.journal import JournalSink, Priority
+from kmodd.daemon.server import Kind, Peer, Server
+from kmodd.paths import Paths
+from kmodd.policy.engine import Decision
+from kmodd.policy.types import Mode, Source, Verdict
+
+TICK_S = 5.0  # tamper check and STATUS= refresh; the watchdog may ask for a shorter one
+Reply = Callable[[str | None], None]
+
+
+class NotifierLike(Protocol):
+    def ready(self, status: str) -> bool: ...
+    def reloading(self) -> bool: ...
+    def status(self, text: str) -> bool: ...
+    def watchdog(self) -> bool: ...
+    def stopping(self, status: str | None = None) -> bool: ...
+    @property
+    def watchdog_ping_interval_s(self) -> float | None: ...
+
+
+class TamperLike(Protocol):
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def current(self) -> str | None: ...
+    @property
+    def expected(self) -> str: ...
+
+
+class ModprobePathLike(Protocol):
+    def check(self) -> TamperLike: ...
+    def install(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    ok: bool
+    cause: str
+    at: float  # wall clock
+    duration_s: float
+    generation: int | None  # the new one on success, the kept one on failure
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Built:
+    cause: str
+    generation: Generation | None
+    errors: tuple[str, ...]
+    duration_s: float
+
+
+@dataclass
+class Stats:
+    verdicts: Counter[str] = field(default_factory=Counter)  # allow, deny, would_deny
+    rules: Counter[str] = field(default_factory=Counter)
+    sources: Counter[str] = field(default_factory=Counter)
+    invalid_names: int = 0
+    no_generation: int = 0  # decide requests answered "error" (the helper fell back)
+
+    def count(self, d: Decision) -> None:
+        key = (
+            d.verdict.value
+            if d.verdict is Verdict.ALLOW or d.mode is Mode.ENFORCE
+            else "would_deny"
+        )
+        self.verdicts[key] += 1
+        self.rules[d.rule] += 1
+        self.sources[d.source.value] += 1
+
+
+@dataclass
+class Edges:
+    """The I/O edges the composition root injects (None: not available / disabled)."""
+
+    notifier: NotifierLike
+    modprobe_path: ModprobePathLike | None = None
+    recoldplug: Callable[[], None] | None = None
+    reassert: bool = False  # re-point kernel.modprobe at the helper after tampering
+    clock: Callable[[], float] = time.monotonic
+
+
+class Core:
+    def __init__(
+        self, paths: Paths, options: BuildOptions, sink: JournalSink, edges: Edges
+    ) -> None:
+        self.paths = paths
+        self.options = options
+        self.sink = sink
+        self.edges = edges
+        self.started = time.time()
+        self.generation: Generation | None = None
+        self.last_reload: ReloadResult | None = None
+        self.stats = Stats()
+        self.devices: dict[str, UdevDevice] = {}  # coldplugged/added devices with a MODALIAS
+        self.tamper: TamperLike | None = None
+        self.notes: list[str] = []  # plain warnings for status (static usermodehelper...)
+        self._queue: queue.SimpleQueue[Event | _Built] = queue.SimpleQueue()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stopping: str | None = None
+        self._building = False
+        self._waiting: list[Reply | None] = []  # replies owed by the running build
+        self._next: list[Reply | None] = []  # requests that arrived during the build
+        self._next_cause: str | None = None
+        self._server: Server | None = None
+
+    # --- posting (any thread) ------------------------------------------------------
+
+    def post(self, event: Event | _Built) -> None:
+        self._queue.put(event)
+        with contextlib.suppress(BlockingIOError):  # counter saturated: the loop is awake
+            os.eventfd_write(self._wake, 1)
+
+    # --- the loop -----------------------------------------------------------------
+
+    def run(self, server: Server) -> int:
+        self._server = server
+        server.add_reader(self._wake, self._drain)
+        self.sink.emit(records.lifecycle(True, f"kmodd {os.getpid()} starting"))
+        self._build_now(ReloadCause.START)
+        status = self.status_line()
+        self.edges.notifier.ready(status)
+        next_tick = self.edges.clock()
+        while self._stopping is None:
+            now = self.edges.clock()
+            if now >= next_tick:
+                self._tick()
+                next_tick = now + self._tick_interval()
+            deadline = server.next_deadline()
+            timeout = next_tick - now if deadline is None else min(next_tick, deadline) - now
+            server.poll(max(0.0, timeout))
+        self.edges.notifier.stopping(f"stopping: {self._stopping}")
+        self.sink.emit(records.lifecycle(False, f"kmodd {os.getpid()} stopping: {self._stopping}"))
+        return 0
+
+    def close(self) -> None:
+        if self.generation is not None:
+            self.generation.close()
+        os.close(self._wake)
+
+    def _tick_interval(self) -> float:
+        ping = self.edges.notifier.watchdog_ping_interval_s
+        return TICK_S if ping is None else min(TICK_S, ping)
+
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake)
+        while True:
+            try:
+                event = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self.handle(event)
+
+    def handle(self, event: Event | _Built) -> None:
+        match event:
+            case _Built():
+                self._built(event)
+            case ReloadRequested(cause=cause, reply=reply):
+                self.request_reload(cause.value, reply)
+            case FilesChanged(paths=changed):
+                if not self._only_our_own_write(changed):
+                    self.request_reload(
+                        f"{ReloadCause.WATCH.value}: {' '.join(changed)[:200]}", None
+                    )
+            case UdevDevice():
+                self._udev(event)
+            case UdevLost(reason=reason):
+                self.sink.emit(
+                    records.notice(f"udev monitor recreated ({reason}), re-coldplugging")
+                )
+                if self.edges.recoldplug is not None:
+                    self.edges.recoldplug()
+            case Tick():
+                self._tick()
+            case Stop(reason=reason):
+                self._stopping = reason
+
+    # --- generations --------------------------------------------------------------
+
+    def _next_number(self) -> int:
+        return 1 if self.generation is None else self.generation.number + 1
+
+    def _build(self, cause: str) -> _Built:
+        start = time.monotonic()
+        try:
+            gen = publish(build_generation(self._next_number(), self.paths, self.options))
+        except Exception as err:  # every failure is reported; the old generation stays
+            return _Built(cause, None, tuple(error_lines(err)), time.monotonic() - start)
+        return _Built(cause, gen, (), time.monotonic() - start)
+
+    def _build_now(self, cause: str) -> None:
+        """The first generation is built on this thread: nothing to serve before it."""
+        self._built(self._build(cause))
+
+    def request_reload(self, cause: str, reply: Reply | None) -> None:
+        if self._building:
+            self._next.append(reply)
+            self._next_cause = cause
+            return
+        self._building = True
+        self._waiting = [reply]
+        self.edges.notifier.reloading()
+        threading.Thread(
+            target=lambda: self.post(self._build(cause)), name="kmodd-build", daemon=True
+        ).start()
+
+    def _built(self, built: _Built) -> None:
+        error: str | None = None
+        if built.generation is not None:
+            self._swap(built.generation, built)
+        else:
+            error = "\n".join(built.errors)
+            kept = None if self.generation is None else self.generation.number
+            self.last_reload = ReloadResult(
+                False, built.cause, time.time(), built.duration_s, kept, built.errors
+            )
+            self.sink.emit(records.reload_failed(built.errors, built.cause, kept))
+        if self._building:
+            self.edges.notifier.ready(self.status_line())
+        for reply in self._waiting:
+            if reply is not None:
+                reply(error)
+        self._building = False
+        self._waiting = []
+        if self._next or self._next_cause is not None:
+            replies, cause = self._next, self._next_cause or "coalesced"
+            self._next, self._next_cause = [], None
+            self.request_reload(cause, None)
+            self._waiting = replies
+
+    def _swap(self, gen: Generation, built: _Built) -> None:
+        old, self.generation = self.generation, gen
+        if old is not None:
+            old.close()
+        self.last_reload = ReloadResult(
+            True, built.cause, time.time(), built.duration_s, gen.number
+        )
+        self.sink.emit(
+            records.reload_ok(gen.number, gen.hash, built.cause, gen.mode, len(gen.compiled.files))
+        )
+        for c in gen.conflicts:
+            self.sink.emit(records.conflict(str(c), c.kind, c.module, gen.number))
+
+    def _only_our_own_write(self, changed: tuple[str, ...]) -> bool:
+        """Publishing a generation rewrites run/modprobe.d/00-kmodd.conf, which the watcher
+        reports: no reload for that, unless the file no longer holds what we wrote."""
+        ours = str(self.paths.enforcement_file)
+        gen = self.generation
+        if gen is None or any(path != ours for path in changed):
+            return False
+        try:
+            return self.paths.enforcement_file.read_text() == gen.enforcement
+        except OSError:
+            return False
+
+    # --- decisions ----------------------------------------------------------------
+
+    def decide_line(self, name: bytes, peer: Peer) -> bytes:
+        """decide.sock: `allow RULE` / `deny RULE` / `error MESSAGE` (see docs/protocol.md)."""
+        if not helper.valid_name(name):
+            self.stats.invalid_names += 1
+            self.sink.emit(
+                records.notice(f"denied invalid request name {name[:120]!r}", Priority.WARNING)
+            )
+            return b"deny invalid-name\n"
+        gen = self.generation
+        if gen is None:
+            self.stats.no_generation += 1
+            self.sink.emit(
+                records.fallback(
+                    f"no policy generation: helper decides {name.decode()} from its snapshot"
+                )
+            )
+            return b"error no policy generation\n"
+        d = gen.decide(name.decode("ascii"), Source.KERNEL)
+        self.stats.count(d)
+        self.sink.emit(records.decision(d, gen.number))
+        verdict = b"allow " if d.effective is Verdict.ALLOW else b"deny "
+        return verdict + _token(d.rule) + b"\n"
+
+    def decide(
+        self, name: str, source: Source, *, log: bool, device: UdevDevice | None = None
+    ) -> Decision | None:
+        gen = self.generation
+        if gen is None:
+            return None
+        d = gen.decide(name, source)
+        if log:
+            self.stats.count(d)
+            self.sink.emit(records.decision(d, gen.number, device))
+        return d
+
+    def _udev(self, device: UdevDevice) -> None:
+        if not device.modalias:
+            return
+        self.devices[device.devpath] = device
+        gen = self.generation
+        if gen is None:
+            return
+        d = gen.decide(device.modalias, Source.UDEV)
+        # Coldplug at start sees every present device: log only what the policy denies.
+        if device.action != "coldplug" or d.verdict is Verdict.DENY:
+            self.stats.count(d)
+            self.sink.emit(records.decision(d, gen.number, device))
+
+    # --- control ------------------------------------------------------------------
+
+    def control(self, call: wire.Call, peer: Peer, respond: Callable[[bytes], None]) -> None:
+        from kmodd.daemon import status  # noqa: PLC0415 -- keeps the import graph one-way
+
+        status.dispatch(self, call, peer, respond)
+
+    def refused(self, kind: Kind, peer: Peer, what: str) -> None:
+        self.sink.emit(records.refused(kind.value, peer.pid, peer.uid, what))
+
+    # --- housekeeping -------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self.edges.notifier.watchdog()
+        mp = self.edges.modprobe_path
+        if mp is not None:
+            state = mp.check()
+            if not state.ok and (self.tamper is None or self.tamper.current != state.current):
+                reassert = self.edges.reassert and state.current is not None
+                self.sink.emit(records.tamper(state.expected, state.current, reassert))
+                if reassert:
+                    mp.install()
+                    state = mp.check()
+            self.tamper = state
+        self.edges.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        gen = self.generation
+        if gen is None:
+            return "no policy generation (helper falls back to its snapshot)"
+        v = self.stats.verdicts
+        return (
+            f"generation {gen.number} ({gen.mode.value}); allowed {v['allow']}, "
+            f"denied {v['deny']}, would-deny {v['would_deny']}"
+        )
+
+
+def _token(rule: str) -> bytes:
+    """A rule id as one word of the decide reply (ids are validated, but never trust)."""
+    raw = rule.encode("ascii", "replace")[:200]
+    return bytes(b if 0x21 <= b <= 0x7E else 0x5F for b in raw) or b"-"

@@ -1,0 +1,185 @@
+"""Policy generations: load -> validate -> compile -> render, all or nothing, then publish.
+
+A Generation is immutable (apart from its decision cache) and owned by the core thread: it
+holds the libkmod context the decisions resolve against, the compiled policy, the rendered
+enforcement text and the helper snapshot.  A failed build raises and leaves nothing
+behind; the core keeps serving the last good generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmodd import helper
+from kmodd.daemon.atomic import write_atomic
+from kmodd.errors import InvalidInputError, KmoddError
+from kmodd.kmod.context import KmodContext, config_dirs
+from kmodd.paths import ENFORCEMENT_FILE, Paths
+from kmodd.policy import compiler, engine
+from kmodd.policy.loader import load_policy
+from kmodd.policy.model import PolicySet
+from kmodd.policy.types import Mode, Source
+
+# Distinct (name, source) decisions remembered per generation.  Request names are
+# attacker-chosen (`mount -t <anything>` asks for fs-<anything>), so the cache is bounded
+# (FIFO); the working set of a real system is a few hundred names.
+DECISION_CACHE_MAX = 16_384
+MASK_DIR = "kmod-mask"  # in the runtime dir: hides our own enforcement file from decisions
+
+
+@dataclass(frozen=True, slots=True)
+class BuildOptions:
+    modprobe: str = helper.DEFAULT_MODPROBE  # the real modprobe, for the snapshot header
+    deny_stub: str = compiler.DEFAULT_DENY_STUB  # `install NAME STUB NAME` (layer 2)
+    cmdline: Path = Path("/proc/cmdline")  # kmodd.mode=permissive escape hatch
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A modprobe.d line that would bypass or reshape a deny (reported, not fatal)."""
+
+    kind: str  # "install" (another install command wins) or "alias" (maps onto a denied module)
+    module: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} conflict for {self.module}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    hash: str  # sha256 of policy + effective mode + rendered enforcement
+    paths: Paths
+    kmod: KmodContext
+    policy: PolicySet
+    compiled: engine.CompiledPolicy
+    mode_overridden: bool  # the kernel command line set the mode
+    enforcement: str
+    snapshot: bytes
+    conflicts: tuple[Conflict, ...]
+    denied_modules: frozenset[str]  # modules rendered as denied (enforce mode)
+    created: float = field(default_factory=time.time)
+    _decisions: dict[tuple[str, Source], engine.Decision] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    @property
+    def mode(self) -> Mode:
+        return self.compiled.mode
+
+    def decide(self, name: str, source: Source) -> engine.Decision:
+        """Decide NAME for SOURCE (cached; core thread only: libkmod is not thread-safe)."""
+        key = (name, source)
+        found = self._decisions.get(key)
+        if found is None:
+            request = engine.Request(name, source)
+            found = engine.decide(request, self.kmod.resolve(name), self.compiled)
+            if len(self._decisions) >= DECISION_CACHE_MAX:
+                del self._decisions[next(iter(self._decisions))]
+            self._decisions[key] = found
+        return found
+
+    def close(self) -> None:
+        self.kmod.close()
+
+
+def error_lines(err: BaseException) -> list[str]:
+    """Every problem of a failed build, one FILE:LINE:COL: message per line."""
+    if isinstance(err, InvalidInputError):
+        return [str(issue) for issue in err.issues]
+    if isinstance(err, KmoddError):
+        return [str(err)]
+    return [f"internal error: {type(err).__name__}: {err}"]
+
+
+def read_mode_override(cmdline: Path) -> Mode | None:
+    try:
+        text = cmdline.read_text(errors="replace")
+    except OSError:
+        return None
+    return engine.mode_override(text)
+
+
+def _decision_context(paths: Paths) -> KmodContext:
+    """A libkmod context that sees every modprobe.d file except our own enforcement file
+    (an empty file of the same basename in a dir listed first masks it, as kmod's
+    first-basename-wins rule says): decisions must see the real module graph, not the
+    install stubs of the previous generation."""
+    mask = paths.runtime_dir / MASK_DIR
+    write_atomic(mask / Path(ENFORCEMENT_FILE).name, b"", create_dir=True)
+    return KmodContext.from_paths(paths, config_paths=(str(mask), *config_dirs(paths.root)))
+
+
+def build_generation(number: int, paths: Paths, options: BuildOptions) -> Generation:
+    """Build generation NUMBER (raises InvalidInputError/KmoddError; nothing published)."""
+    policy = load_policy(paths)
+    override = read_mode_override(options.cmdline)
+    compiled = engine.compile_policy(policy, mode=override)
+    ctx = _decision_context(paths)
+    try:
+        enforcement = compiler.render_enforcement(compiled, ctx, deny_stub=options.deny_stub)
+        digest = hashlib.sha256()
+        for part in (policy.hash, compiled.mode.value, enforcement):
+            digest.update(part.encode() + b"\0")
+        content_hash = digest.hexdigest()
+        snapshot = compiler.render_snapshot(compiled, ctx, engine.decide, number, options.modprobe)
+    except BaseException:
+        ctx.close()
+        raise
+    return Generation(
+        number=number,
+        hash=content_hash,
+        paths=paths,
+        kmod=ctx,
+        policy=policy,
+        compiled=compiled,
+        mode_overridden=override is not None and override is not policy.mode,
+        enforcement=enforcement,
+        snapshot=snapshot,
+        conflicts=(),
+        denied_modules=frozenset(_rendered_denials(enforcement)),
+    )
+
+
+def _rendered_denials(enforcement: str) -> dict[str, str]:
+    """module -> install command, from the `install NAME CMD` lines we rendered."""
+    found = {}
+    for line in enforcement.splitlines():
+        words = line.split(None, 2)
+        if len(words) == 3 and words[0] == "install":
+            found[words[1]] = words[2]
+    return found
+
+
+def publish(gen: Generation) -> Generation:
+    """Write the enforcement file and the snapshot atomically, then check (with a fresh
+    context that sees exactly what modprobe sees) which modprobe.d lines conflict."""
+    write_atomic(gen.paths.enforcement_file, gen.enforcement.encode(), create_dir=True)
+    write_atomic(gen.paths.snapshot, gen.snapshot)
+    conflicts = find_conflicts(gen.paths, _rendered_denials(gen.enforcement))
+    return dataclasses.replace(gen, conflicts=tuple(conflicts))
+
+
+def find_conflicts(paths: Paths, denials: dict[str, str]) -> list[Conflict]:
+    if not denials:
+        return []
+    conflicts = []
+    with KmodContext.from_paths(paths) as ctx:
+        for module, ours in sorted(denials.items()):
+            try:
+                effective = ctx.module_info(module).install_commands
+            except KmoddError:
+                continue
+            if effective is not None and effective.strip() != ours.strip():
+                detail = f"modprobe runs `{effective.strip()}` instead of kmodd's deny stub"
+                conflicts.append(Conflict("install", module, detail))
+        for pattern, target in ctx.config_aliases():
+            if helper.normalize(target) in denials:
+                detail = f"modprobe.d alias {pattern} -> {target} (a denied module)"
+                conflicts.append(Conflict("alias", helper.normalize(target), detail))
+    return conflicts
