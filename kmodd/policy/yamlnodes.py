@@ -28,6 +28,10 @@ _BOOL_TAG = "tag:yaml.org,2002:bool"
 _BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 
 Path_ = tuple[str | int, ...]
+_COLLECTION_TAGS: dict[type[yaml.Node], str] = {
+    yaml.MappingNode: "tag:yaml.org,2002:map",
+    yaml.SequenceNode: "tag:yaml.org,2002:seq",
+}
 
 
 class StrictLoader(_BaseLoader):  # type: ignore[valid-type,misc]
@@ -91,6 +95,9 @@ class _Builder:
         if len(path) > MAX_DEPTH:
             raise YamlProblem(_mark(node), f"nesting deeper than {MAX_DEPTH} levels")
         self.doc.marks[path] = _mark(node)
+        expected = _COLLECTION_TAGS.get(type(node))
+        if expected is not None and node.tag != expected:
+            raise YamlProblem(_mark(node), f"unsupported YAML tag {node.tag!r}")
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
