@@ -82,6 +82,10 @@ class ConfigLine:
     directive: str  # alias, blacklist, install, remove, options, softdep, weakdep
     target: str  # normalized pattern or module name the directive is about
     text: str  # the logical line as kmod joined it
+    # what the line says about target: alias -> the normalized module, install/remove ->
+    # the command, options -> the options (tabs as spaces), softdep -> "pre: ... post: ...",
+    # blacklist -> ""
+    value: str = ""
 
     def location(self) -> str:
         return f"{self.path}:{self.line}"

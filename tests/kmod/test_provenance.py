@@ -1,0 +1,128 @@
+"""The modprobe.d provenance reader: kmod's file, line and matching rules."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kmodd.kmod import provenance
+from kmodd.kmod.model import ConfigLine
+from kmodd.kmod.provenance import BadLine, Provenance, logical_lines, parse_line, underscores
+from tests.kmod.conftest import write_conf
+
+
+def test_logical_lines_join_and_escape() -> None:
+    text = "a \\\n  b\nc\\d\\\\e\n\n#x \\\nswallowed\nlast"
+    assert list(logical_lines(text)) == [
+        (1, "a   b"),  # the continuation keeps the next line's indentation
+        (3, "cd\\e"),  # other backslashes keep only the next character
+        (4, ""),
+        (5, "#x swallowed"),  # a comment continued swallows the next line
+        (7, "last"),  # no final newline
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("net-pf-5", "net_pf_5"),
+        ("ab[0-9]-x", "ab[0-9]_x"),
+        ("bad]x", None),
+        ("open[x", None),
+        ("a-[b-c]-d", "a_[b-c]_d"),
+    ],
+)
+def test_underscores(text: str, expected: str | None) -> None:
+    assert underscores(text) == expected
+
+
+def test_parse_line_forms() -> None:
+    line = parse_line("f", 3, "options dummy\t x=1\ty=2")
+    assert isinstance(line, ConfigLine)
+    assert (line.directive, line.target, line.value, line.location()) == (
+        "options",
+        "dummy",
+        " x=1 y=2",  # one separator consumed, the rest verbatim, tabs as spaces
+        "f:3",
+    )
+    alias = parse_line("f", 1, "alias  my-alias  some-mod extra tokens")
+    assert isinstance(alias, ConfigLine)
+    assert (alias.target, alias.value) == ("my_alias", "some_mod")
+    for bad in ("  # indented", "alias onlyone", "options mod", "bogus x", "alias a]b c"):
+        assert isinstance(parse_line("f", 1, bad), BadLine), bad
+    assert parse_line("f", 1, "# comment") is None
+    assert parse_line("f", 1, " \t ") is None
+
+
+def test_files_order_override_and_masking(tmp_path: Path) -> None:
+    high, low = tmp_path / "high", tmp_path / "low"
+    write_conf(high, "50-x.conf", "alias a high\n")
+    write_conf(low, "50-x.conf", "alias a low\n")
+    write_conf(low, "10-y.conf", "alias b low\n")
+    write_conf(low, "masked.conf", "alias c low\n")
+    write_conf(low, "kmod30.alias", "alias d low\n")
+    (high / "masked.conf").symlink_to(os.devnull)
+    write_conf(high, ".hidden.conf", "alias e high\n")
+    write_conf(high, "notes.txt", "alias f high\n")
+    (high / "dir.conf").mkdir()
+    prov = Provenance([high, low])
+    assert [p.name for p in prov.files] == ["10-y.conf", "50-x.conf", "kmod30.alias", "masked.conf"]
+    assert [(ln.target, ln.value) for ln in prov.lines] == [
+        ("b", "low"),
+        ("a", "high"),
+        ("d", "low"),
+    ]
+
+
+def test_matching_rules(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    write_conf(
+        conf,
+        "a.conf",
+        "install crc* /bin/first\n"
+        "install crc32c /bin/second\n"
+        "alias my-net dummy\n"
+        "alias my-* loop\n"
+        "options my_net x=1\n"
+        "options dummy y=2\n"
+        "blacklist dummy\n"
+        "softdep dum* pre: a\n"
+        "softdep dummy pre: b\n"
+        "install my-net /bin/false\n",
+    )
+    prov = Provenance([conf])
+    first = prov.install_line("crc32c")
+    assert first is not None and first.value == "/bin/first"
+    assert [ln.value for ln in prov.aliases_matching("my-net")] == ["dummy", "loop"]
+    assert [ln.target for ln in prov.aliases_onto("dummy")] == ["my_net"]
+    softdep = prov.softdep_line("dummy")
+    assert softdep is not None and softdep.target == "dum*"
+    assert prov.is_blacklisted("dummy") and not prov.is_blacklisted("loop")
+    assert [ln.line for ln in prov.for_module("dummy")] == [3, 6, 7, 8]
+    assert [ln.line for ln in prov.for_request("my-net", ["dummy"])] == [3, 4, 5, 6, 7, 8, 10]
+    assert prov.for_request("a]b") == ()
+
+
+def test_modules_softdep_joins_the_list(tmp_path: Path) -> None:
+    moddir = tmp_path / "lib/modules/x"
+    write_conf(moddir, "modules.softdep", "softdep ext4 pre: crypto-crc32c\n")
+    write_conf(tmp_path / "conf", "z.conf", "softdep ext4 pre: other\n")
+    prov = Provenance([tmp_path / "conf"], moddir)
+    line = prov.softdep_line("ext4")
+    assert line is not None and line.path.endswith("modules.softdep") and line.line == 1
+
+
+def test_bad_and_oversized_files_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_conf(tmp_path, "a.conf", "alias ok dummy\nnonsense here\n")
+    write_conf(tmp_path, "b.conf", "x" * 100)
+    monkeypatch.setattr(provenance, "MAX_FILE_BYTES", 50)
+    prov = Provenance([tmp_path])
+    assert [str(b).split("/")[-1] for b in prov.bad_lines] == [
+        "a.conf:2: ignoring bad line starting with 'nonsense'",
+        "b.conf:0: larger than 50 bytes: not read",
+    ]
+    assert len(prov.lines) == 1
