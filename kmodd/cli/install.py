@@ -1,0 +1,456 @@
+"""`kmodctl install [--prefix DIR]` / `kmodctl uninstall`: put kmodd's system files in place.
+
+pip cannot write to /usr/lib/systemd or /usr/local/libexec (wheels carry no absolute
+paths, Debian's python refuses system installs: research python-ecosystem.md §7), so the
+venv that holds kmodd installs them itself.  --prefix works like DESTDIR: files land under
+it, while their contents name the final paths (for images, and for tests).
+
+Shipped files (systemd/*, policies/*.yaml) are found next to the package in a checkout or
+an editable install (the repository's own dirs), else under sys.prefix/share/kmodd (the
+wheel's data-files).  The helper is kmodd/helper.py with its shebang pinned to a real
+interpreter: the kernel execs it directly, so a pyenv shim or a venv wrapper would break
+or slow down every module autoload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import kmodd
+from kmodd import helper
+from kmodd.cli.common import print_json, wants_json
+from kmodd.cli.verbs import Verb, VerbSpec
+from kmodd.errors import KmoddError
+from kmodd.paths import ENFORCEMENT_FILE
+
+if TYPE_CHECKING:
+    from kmodd.daemon.modprobe_path import ModprobePath
+
+HELPER_DEST = "usr/local/libexec/kmodd/kmodd-modprobe"  # = compiler.DEFAULT_HELPER_PATH
+UNIT_DIR = "usr/local/lib/systemd/system"
+SYSCTL_DEST = "usr/local/lib/sysctl.d/50-kmodd.conf"
+TMPFILES_DEST = "usr/local/lib/tmpfiles.d/kmodd.conf"
+CATALOG_DEST = "usr/local/lib/systemd/catalog/kmodd.catalog"
+POLICY_DEST = "usr/lib/kmodd/policy.d"
+MANIFEST = "usr/local/lib/kmodd/install-manifest.json"
+UNITS = ("kmodd.service", "kmodd-decide.socket", "kmodd-control.socket")
+DEFAULT_PYTHON = "/usr/bin/python3"
+ELF_MAGIC = b"\x7fELF"
+MIN_PYTHON = (3, 11)  # what the project (and so the helper) is tested with
+
+
+class InstallError(KmoddError):
+    """Something kmodctl install/uninstall cannot do safely."""
+
+
+class Action(StrEnum):
+    INSTALLED = "installed"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+    CREATED = "created"  # a directory
+    REMOVED = "removed"
+    ABSENT = "absent"  # uninstall: nothing there
+    KEPT = "kept"  # uninstall: a directory that is not empty
+    RESTORED = "restored"  # kernel.modprobe
+    RAN = "ran"  # a command (systemctl daemon-reload...)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    action: Action
+    path: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    dest: str  # relative to the prefix
+    content: bytes
+    mode: int
+
+
+@dataclass(frozen=True, slots=True)
+class Shipped:
+    base: Path  # the dir holding systemd/ and policies/
+    systemd: Path
+    policies: tuple[Path, ...]
+
+
+@dataclass
+class Manifest:
+    files: list[str] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)  # created by us, removed if empty
+
+
+def find_shipped() -> Shipped:
+    """systemd/ and policies/ of a checkout (editable install) or of sys.prefix/share/kmodd."""
+    package = Path(kmodd.__file__).resolve().parent
+    for base in (package.parent, Path(sys.prefix) / "share/kmodd"):
+        if (base / "systemd/kmodd.service").is_file():
+            policies = tuple(sorted((base / "policies").glob("*.yaml")))
+            return Shipped(base, base / "systemd", policies)
+    raise InstallError(
+        "cannot find the shipped systemd units",
+        hint=f"expected systemd/kmodd.service next to {package} or under {sys.prefix}/share/kmodd",
+    )
+
+
+def check_interpreter(python: Path) -> None:
+    """The helper's shebang must name a real ELF interpreter: the kernel execs it with a
+    bare environment, where pyenv shims (shell scripts) misbehave and cost ~100 ms."""
+    if not python.is_absolute():
+        raise InstallError(f"interpreter {python} is not an absolute path")
+    try:
+        with python.open("rb") as binary:
+            magic = binary.read(4)
+    except OSError as err:
+        raise InstallError(f"interpreter {python}: {err.strerror}") from err
+    if magic != ELF_MAGIC or not python.stat().st_mode & 0o111:
+        raise InstallError(
+            f"interpreter {python} is not an executable binary (a shim or a script?)",
+            hint=f"use --python {DEFAULT_PYTHON}",
+        )
+    import subprocess  # noqa: PLC0415 -- only when installing; every kmodctl run imports us
+
+    probe = "import sys; print(*sys.version_info[:2])"
+    try:
+        out = subprocess.run(
+            [python, "-IS", "-c", probe], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
+        version = (int(out[0]), int(out[1]))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        version = (0, 0)
+    if version < MIN_PYTHON:
+        raise InstallError(
+            f"interpreter {python} is not a Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}",
+            hint=f"use --python {DEFAULT_PYTHON}",
+        )
+
+
+def helper_source(python: Path) -> bytes:
+    lines = Path(helper.__file__).read_bytes().split(b"\n", 1)
+    body = lines[1] if lines[0].startswith(b"#!") else b"\n".join(lines)
+    return f"#!{python} -IS\n".encode() + body
+
+
+def render(template: str, bindir: Path) -> bytes:
+    """Substitute @BINDIR@ (the venv holding kmodd/kmodctl) and @HELPER@."""
+    text = template.replace("@BINDIR@", str(bindir)).replace("@HELPER@", "/" + HELPER_DEST)
+    return text.encode()
+
+
+def plan(shipped: Shipped, bindir: Path, python: Path) -> list[FileSpec]:
+    """Every file to install, with its final content and mode."""
+    units = shipped.systemd
+    specs = [FileSpec(HELPER_DEST, helper_source(python), 0o755)]
+    specs += [
+        FileSpec(f"{UNIT_DIR}/{unit}", render((units / unit).read_text(), bindir), 0o644)
+        for unit in UNITS
+    ]
+    specs.append(
+        FileSpec(SYSCTL_DEST, render((units / "50-kmodd.sysctl").read_text(), bindir), 0o644)
+    )
+    specs.append(FileSpec(TMPFILES_DEST, (units / "kmodd.tmpfiles").read_bytes(), 0o644))
+    if (units / "kmodd.catalog").is_file():
+        specs.append(FileSpec(CATALOG_DEST, (units / "kmodd.catalog").read_bytes(), 0o644))
+    specs += [FileSpec(f"{POLICY_DEST}/{p.name}", p.read_bytes(), 0o644) for p in shipped.policies]
+    return specs
+
+
+# -- file operations (all honour dry_run) ------------------------------------------------
+
+
+def _as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _missing_dirs(prefix: Path, files: list[str]) -> list[str]:
+    """The parent dirs (relative, outermost first) that installing FILES would create."""
+    missing: list[str] = []
+    for rel in files:
+        for part in reversed(Path(rel).parents):
+            if str(part) != "." and str(part) not in missing:
+                target = prefix / part
+                if not (target.is_symlink() or target.exists()):
+                    missing.append(str(part))
+    return missing
+
+
+def _ensure_dir(prefix: Path, rel: Path, dry_run: bool, steps: list[Step]) -> None:
+    """mkdir -p under the prefix, 0755 whatever the umask."""
+    for part in _missing_dirs(prefix, [str(rel / "x")]):
+        if any(step.path == str(prefix / part) for step in steps):
+            continue  # a dry run "created" it already
+        if not dry_run:
+            (prefix / part).mkdir(mode=0o755)
+            (prefix / part).chmod(0o755)
+        steps.append(Step(Action.CREATED, str(prefix / part)))
+
+
+def _up_to_date(path: Path, spec: FileSpec) -> bool:
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != spec.mode:
+        return False
+    if _as_root() and (st.st_uid, st.st_gid) != (0, 0):
+        return False
+    return path.read_bytes() == spec.content
+
+
+def _write(path: Path, spec: FileSpec) -> None:
+    # Temp file + rename: a reader (the kernel exec'ing the helper) sees old or new, and a
+    # symlink planted at the destination is replaced, never followed.
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, spec.content)
+        if _as_root():
+            os.fchown(fd, 0, 0)
+        os.fchmod(fd, spec.mode)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        tmp.replace(path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+
+
+def _install_file(prefix: Path, spec: FileSpec, dry_run: bool, steps: list[Step]) -> None:
+    path = prefix / spec.dest
+    _ensure_dir(prefix, Path(spec.dest).parent, dry_run, steps)
+    detail = f"{spec.mode:04o}"
+    if spec.dest == HELPER_DEST:
+        shebang = spec.content.split(b"\n", 1)[0].decode()
+        detail += f", {shebang}"
+    if _up_to_date(path, spec):
+        steps.append(Step(Action.UNCHANGED, str(path), detail))
+        return
+    action = Action.UPDATED if path.exists() or path.is_symlink() else Action.INSTALLED
+    if not dry_run:
+        _write(path, spec)
+    steps.append(Step(action, str(path), detail))
+
+
+def _remove(path: Path, dry_run: bool, steps: list[Step]) -> None:
+    if not (path.exists() or path.is_symlink()):
+        steps.append(Step(Action.ABSENT, str(path)))
+        return
+    if not dry_run:
+        path.unlink()
+    steps.append(Step(Action.REMOVED, str(path)))
+
+
+def read_manifest(prefix: Path) -> Manifest | None:
+    try:
+        data = json.loads((prefix / MANIFEST).read_text())
+        return Manifest([str(f) for f in data["files"]], [str(d) for d in data["dirs"]])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _safe_rel(rel: str) -> bool:
+    # The manifest is root-owned, but a hand-edited one must not steer removals outside.
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
+
+
+def _systemd_running(prefix: Path) -> bool:
+    return prefix == Path("/") and Path("/run/systemd/system").is_dir()
+
+
+def _systemctl(args: list[str], steps: list[Step], dry_run: bool) -> None:
+    import subprocess  # noqa: PLC0415 -- only on a live install; every kmodctl run imports us
+
+    command = ["systemctl", *args]
+    if not dry_run:
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
+        if result.returncode != 0:
+            steps.append(Step(Action.RAN, " ".join(command), f"failed: {result.stderr.strip()}"))
+            return
+    steps.append(Step(Action.RAN, " ".join(command)))
+
+
+# -- the two verbs ------------------------------------------------------------------------
+
+
+def install(prefix: Path, *, bindir: Path, python: Path, dry_run: bool = False) -> list[Step]:
+    """Install (or update) every file; idempotent.  Files of an older install that are no
+    longer shipped are removed."""
+    check_interpreter(python)
+    for tool in ("kmodd", "kmodctl"):
+        if not (bindir / tool).is_file():
+            raise InstallError(
+                f"{bindir / tool} does not exist: the units would start nothing",
+                hint="run kmodctl from the venv that holds kmodd, or pass --bindir",
+            )
+    specs = plan(find_shipped(), bindir, python)
+    old = read_manifest(prefix) or Manifest()
+    wanted = [spec.dest for spec in specs]
+    new_dirs = _missing_dirs(prefix, [*wanted, MANIFEST])
+    manifest = Manifest(sorted(wanted), sorted(set(old.dirs) | set(new_dirs)))
+    specs.append(
+        FileSpec(MANIFEST, (json.dumps(asdict(manifest), indent=1) + "\n").encode(), 0o644)
+    )
+    steps: list[Step] = []
+    for spec in specs:
+        _install_file(prefix, spec, dry_run, steps)
+    for stale in sorted(set(old.files) - set(wanted)):
+        if _safe_rel(stale):
+            _remove(prefix / stale, dry_run, steps)
+    if _systemd_running(prefix):
+        _systemctl(["daemon-reload"], steps, dry_run)
+    return steps
+
+
+def uninstall(
+    prefix: Path, *, modprobe: ModprobePath | None = None, dry_run: bool = False
+) -> list[Step]:
+    """Stop and disable the service (live system), restore kernel.modprobe (before the
+    helper goes away), remove every installed file and the dirs install created."""
+    steps: list[Step] = []
+    if _systemd_running(prefix):
+        _systemctl(["disable", "--now", *UNITS], steps, dry_run)
+    if modprobe is not None and modprobe.check().ok:
+        value = modprobe.previous() or helper.DEFAULT_MODPROBE
+        if not dry_run:
+            value = modprobe.restore() or value
+        steps.append(Step(Action.RESTORED, str(modprobe.proc_path), value))
+    manifest = read_manifest(prefix)
+    if manifest is None:  # no manifest (older install, or none): the files we would ship
+        manifest = Manifest([spec.dest for spec in _default_plan()], [])
+    for rel in sorted(set(manifest.files) | {MANIFEST}):
+        if _safe_rel(rel):
+            _remove(prefix / rel, dry_run, steps)
+    # Without the daemon, the rendered deny file would go on blocking modules nobody
+    # manages any more; the helper snapshot is meaningless without the helper.
+    for rel in (ENFORCEMENT_FILE, f"{helper.RUNTIME_DIR.lstrip('/')}/{helper.SNAPSHOT_FILE}"):
+        if (prefix / rel).exists():
+            _remove(prefix / rel, dry_run, steps)
+    for rel in sorted(filter(_safe_rel, manifest.dirs), key=lambda d: -len(Path(d).parts)):
+        _remove_dir(prefix / rel, dry_run, steps)
+    if _systemd_running(prefix):
+        _systemctl(["daemon-reload"], steps, dry_run)
+    return steps
+
+
+def _default_plan() -> list[FileSpec]:
+    try:
+        return plan(find_shipped(), Path(sys.prefix) / "bin", Path(DEFAULT_PYTHON))
+    except (InstallError, OSError):
+        return []
+
+
+def _remove_dir(path: Path, dry_run: bool, steps: list[Step]) -> None:
+    if not path.is_dir() or path.is_symlink():
+        return
+    # What the steps so far removed (a dry run removed nothing yet, but would have).
+    gone = {step.path for step in steps if step.action is Action.REMOVED}
+    left = [p for p in path.iterdir() if str(p) not in gone]
+    if left:
+        steps.append(Step(Action.KEPT, str(path), f"not empty: {len(left)} entries"))
+        return
+    if not dry_run:
+        path.rmdir()
+    steps.append(Step(Action.REMOVED, str(path)))
+
+
+# -- kmodctl glue -------------------------------------------------------------------------
+
+
+def _print(steps: list[Step], args: argparse.Namespace, prefix: Path) -> None:
+    if wants_json(args):
+        steps_json = [asdict(step) for step in steps]
+        print_json({"prefix": str(prefix), "dry_run": args.dry_run, "steps": steps_json})
+        return
+    if args.dry_run:
+        print("dry run: nothing is changed; this is what would be done")
+    for step in steps:
+        detail = f"  ({step.detail})" if step.detail else ""
+        print(f"{step.action:<10} {step.path}{detail}")
+
+
+def run_install(args: argparse.Namespace) -> int:
+    prefix = Path(args.prefix).absolute()
+    bindir = Path(args.bindir or Path(sys.executable).parent).absolute()
+    steps = install(prefix, bindir=bindir, python=Path(args.python), dry_run=args.dry_run)
+    _print(steps, args, prefix)
+    if not wants_json(args) and not args.dry_run and prefix == Path("/"):
+        print("next: systemctl enable --now kmodd.service   (see docs/operations.md)")
+    return 0
+
+
+def run_uninstall(args: argparse.Namespace) -> int:
+    from kmodd.daemon.modprobe_path import ModprobePath  # noqa: PLC0415 -- see _systemctl
+
+    prefix = Path(args.prefix).absolute()
+    modprobe = None
+    if prefix == Path("/"):
+        runtime_dir = Path(args.runtime_dir or helper.RUNTIME_DIR)
+        mp = ModprobePath(Path("/" + HELPER_DEST), runtime_dir)
+        modprobe = mp if mp.available else None
+    steps = uninstall(prefix, modprobe=modprobe, dry_run=args.dry_run)
+    _print(steps, args, prefix)
+    return 0
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prefix",
+        metavar="DIR",
+        default="/",
+        help="install under DIR, like DESTDIR: contents still name the final paths (default: /)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="only say what would be done")
+
+
+def _install_arguments(parser: argparse.ArgumentParser) -> None:
+    _common_arguments(parser)
+    parser.add_argument(
+        "--python",
+        metavar="PATH",
+        default=DEFAULT_PYTHON,
+        help=f"the helper's interpreter, run as `PATH -IS` (default: {DEFAULT_PYTHON})",
+    )
+    parser.add_argument(
+        "--bindir",
+        metavar="DIR",
+        help="where the units find kmodd and kmodctl (default: this venv's bin dir)",
+    )
+
+
+VERBS: tuple[VerbSpec, ...] = (
+    VerbSpec(
+        Verb.INSTALL,
+        "install the helper, systemd units, sysctl/tmpfiles drop-ins and shipped policies",
+        "kmodd.cli.install:run_install",
+        _install_arguments,
+        description="Put kmodd's system files in place (idempotent) and print what was done:"
+        f" /{HELPER_DEST} (0755, root), /{UNIT_DIR}/{{{','.join(UNITS)}}},"
+        f" /{SYSCTL_DEST}, /{TMPFILES_DEST}, /{POLICY_DEST}/*.yaml."
+        " It does not enable or start anything.",
+        epilog="examples:\n  kmodctl install --dry-run\n  kmodctl install\n"
+        "  kmodctl install --prefix /mnt/image --json",
+    ),
+    VerbSpec(
+        Verb.UNINSTALL,
+        "stop kmodd, restore kernel.modprobe and remove what install put in place",
+        "kmodd.cli.install:run_uninstall",
+        _common_arguments,
+        description="Disable and stop the units (live system), point kernel.modprobe back at"
+        " its previous value, remove every installed file, the rendered"
+        f" /{ENFORCEMENT_FILE} and the directories install created.",
+        epilog="examples:\n  kmodctl uninstall --dry-run\n  kmodctl uninstall",
+    ),
+)

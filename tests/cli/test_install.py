@@ -1,0 +1,269 @@
+"""`kmodctl install` / `uninstall` into a temporary prefix (DESTDIR-like)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmodd import helper
+from kmodd.cli.install import (
+    HELPER_DEST,
+    MANIFEST,
+    POLICY_DEST,
+    SYSCTL_DEST,
+    UNIT_DIR,
+    UNITS,
+    Action,
+    InstallError,
+    Step,
+    check_interpreter,
+    find_shipped,
+    install,
+    uninstall,
+)
+from kmodd.cli.main import main
+from kmodd.daemon.modprobe_path import PREVIOUS_FILE, ModprobePath
+from kmodd.policy.compiler import DEFAULT_HELPER_PATH
+
+REPO = Path(__file__).resolve().parents[2]
+BINDIR = Path(sys.executable).parent  # this venv: holds kmodd and kmodctl
+PYTHON = Path("/usr/bin/python3")
+
+
+@pytest.fixture
+def prefix(tmp_path: Path) -> Path:
+    path = tmp_path / "prefix"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def tight_umask() -> Iterator[None]:
+    old = os.umask(0o077)  # install must not let the umask narrow modes
+    yield
+    os.umask(old)
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
+    """Every path under ROOT with its mode, owner and (for files) content."""
+    out: dict[str, tuple[int, int, bytes | None]] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        content = path.read_bytes() if stat.S_ISREG(st.st_mode) else None
+        out[str(path.relative_to(root))] = (st.st_mode, st.st_uid, content)
+    return out
+
+
+def actions(steps: list[Step]) -> set[Action]:
+    return {step.action for step in steps}
+
+
+def do_install(prefix: Path, **kw: bool) -> list[Step]:
+    return install(prefix, bindir=BINDIR, python=PYTHON, **kw)
+
+
+def test_install_twice_is_idempotent(prefix: Path, tight_umask: None) -> None:
+    first = do_install(prefix)
+    assert {Action.INSTALLED, Action.CREATED} == actions(first)
+    before = tree(prefix)
+    second = do_install(prefix)
+    assert actions(second) == {Action.UNCHANGED}
+    assert tree(prefix) == before
+    assert len(second) == len([s for s in first if s.action is Action.INSTALLED])
+
+
+def test_modes_owners_and_shebang(prefix: Path, tight_umask: None) -> None:
+    do_install(prefix)
+    helper_file = prefix / HELPER_DEST
+    assert DEFAULT_HELPER_PATH.lstrip("/") == HELPER_DEST  # what the daemon points at
+    st = helper_file.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o755
+    first, rest = helper_file.read_bytes().split(b"\n", 1)
+    assert first == b"#!/usr/bin/python3 -IS"
+    assert rest == Path(helper.__file__).read_bytes().split(b"\n", 1)[1]
+    for name in (*(f"{UNIT_DIR}/{u}" for u in UNITS), SYSCTL_DEST, MANIFEST):
+        assert stat.S_IMODE((prefix / name).stat().st_mode) == 0o644
+    for directory in (p for p in prefix.rglob("*") if p.is_dir()):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o755, directory
+    if os.geteuid() == 0:
+        assert {(p.stat().st_uid, p.stat().st_gid) for p in prefix.rglob("*")} == {(0, 0)}
+
+
+def test_installed_helper_runs_through_its_shebang(prefix: Path, tmp_path: Path) -> None:
+    do_install(prefix)
+    # Executed the way the kernel does it (the shebang picks the interpreter), with a name
+    # the helper must refuse without asking anyone: exit 1 (deny).
+    env = {"HOME": "/", "TERM": "linux", "PATH": "/sbin:/usr/sbin:/bin:/usr/bin"}
+    env[helper.RUNTIME_DIR_ENV] = str(tmp_path / "no-daemon")
+    result = subprocess.run(
+        [prefix / HELPER_DEST, "-q", "--", "../evil"], env=env, check=False, timeout=30
+    )
+    assert result.returncode == helper.EXIT_DENY
+
+
+def test_units_and_sysctl_name_the_real_paths(prefix: Path) -> None:
+    do_install(prefix)
+    service = (prefix / UNIT_DIR / "kmodd.service").read_text()
+    assert f"ExecStart={BINDIR}/kmodd\n" in service
+    assert f"ExecReload={BINDIR}/kmodctl validate\n" in service
+    assert "@" not in service.replace("@system-service", "")
+    sysctl = (prefix / SYSCTL_DEST).read_text()
+    assert f"-kernel.modprobe = {DEFAULT_HELPER_PATH}\n" in sysctl
+    shipped = sorted(p.name for p in (REPO / "policies").glob("*.yaml"))
+    assert sorted(p.name for p in (prefix / POLICY_DEST).iterdir()) == shipped
+
+
+def test_systemd_analyze_verify_installed_units(prefix: Path) -> None:
+    do_install(prefix)
+    units = [str(prefix / UNIT_DIR / unit) for unit in UNITS]
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *units], capture_output=True, text=True, check=False
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_reinstall_repairs_edits_and_modes(prefix: Path) -> None:
+    do_install(prefix)
+    service = prefix / UNIT_DIR / "kmodd.service"
+    pristine = service.read_bytes()
+    service.write_text("[Service]\nExecStart=/bin/evil\n")
+    (prefix / HELPER_DEST).chmod(0o777)
+    steps = do_install(prefix)
+    updated = {s.path for s in steps if s.action is Action.UPDATED}
+    assert updated == {str(service), str(prefix / HELPER_DEST)}
+    assert service.read_bytes() == pristine
+    assert stat.S_IMODE((prefix / HELPER_DEST).stat().st_mode) == 0o755
+
+
+def test_planted_symlink_is_replaced_not_followed(prefix: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (prefix / Path(HELPER_DEST).parent).mkdir(parents=True)
+    (prefix / HELPER_DEST).symlink_to(victim)
+    do_install(prefix)
+    assert victim.read_text() == "precious\n"
+    assert not (prefix / HELPER_DEST).is_symlink()
+
+
+def test_stale_files_of_an_older_install_are_removed(prefix: Path) -> None:
+    do_install(prefix)
+    manifest = json.loads((prefix / MANIFEST).read_text())
+    old = f"{POLICY_DEST}/05-retired.yaml"
+    (prefix / old).write_text("kmodd: 1\n")
+    manifest["files"].append(old)
+    (prefix / MANIFEST).write_text(json.dumps(manifest))
+    steps = do_install(prefix)
+    assert Step(Action.REMOVED, str(prefix / old)) in steps
+    assert not (prefix / old).exists()
+
+
+def test_uninstall_leaves_nothing(prefix: Path) -> None:
+    do_install(prefix)
+    steps = uninstall(prefix)
+    assert Action.REMOVED in actions(steps)
+    assert list(prefix.iterdir()) == []
+    assert actions(uninstall(prefix)) == {Action.ABSENT}  # idempotent too
+
+
+def test_uninstall_keeps_what_was_there_before(prefix: Path) -> None:
+    (prefix / "usr/lib").mkdir(parents=True)
+    (prefix / "usr/lib/os-release").write_text("ID=debian\n")
+    do_install(prefix)
+    (prefix / POLICY_DEST / "50-site.yaml").write_text("kmodd: 1\n")  # the admin's
+    steps = uninstall(prefix)
+    assert (prefix / "usr/lib/os-release").read_text() == "ID=debian\n"
+    assert (prefix / POLICY_DEST / "50-site.yaml").exists()
+    assert Step(Action.KEPT, str(prefix / POLICY_DEST), "not empty: 1 entries") in steps
+    assert not (prefix / "usr/local").exists()
+
+
+def test_uninstall_restores_kernel_modprobe_before_removing_the_helper(
+    prefix: Path, tmp_path: Path
+) -> None:
+    do_install(prefix)
+    proc = tmp_path / "proc-modprobe"
+    proc.write_text(f"{DEFAULT_HELPER_PATH}\n")
+    state = tmp_path / "run-kmodd"
+    state.mkdir()
+    (state / PREVIOUS_FILE).write_text("/usr/sbin/admin-modprobe\n")
+    mp = ModprobePath(Path(DEFAULT_HELPER_PATH), state, proc_path=proc)
+    steps = uninstall(prefix, modprobe=mp)
+    assert steps[0] == Step(Action.RESTORED, str(proc), "/usr/sbin/admin-modprobe")
+    assert proc.read_text() == "/usr/sbin/admin-modprobe\n"
+
+
+def test_uninstall_removes_the_rendered_deny_file(prefix: Path) -> None:
+    do_install(prefix)
+    deny = prefix / "run/modprobe.d/00-kmodd.conf"
+    deny.parent.mkdir(parents=True)
+    deny.write_text("install dccp /bin/false\n")
+    uninstall(prefix)
+    assert not deny.exists()
+    assert deny.parent.is_dir()  # not ours to remove
+
+
+def test_dry_run_changes_nothing(prefix: Path) -> None:
+    steps = do_install(prefix, dry_run=True)
+    assert Action.INSTALLED in actions(steps)
+    assert list(prefix.iterdir()) == []
+    do_install(prefix)
+    before = tree(prefix)
+    steps = uninstall(prefix, dry_run=True)
+    assert tree(prefix) == before
+    assert Action.KEPT not in actions(steps)  # it knows the dirs would end up empty
+
+
+def test_interpreter_must_be_a_real_binary(tmp_path: Path, prefix: Path) -> None:
+    shim = tmp_path / "python3"
+    shim.write_text('#!/usr/bin/env bash\nexec pyenv exec python3 "$@"\n')
+    shim.chmod(0o755)
+    for bad in (shim, Path("python3"), tmp_path / "missing"):
+        with pytest.raises(InstallError):
+            check_interpreter(bad)
+    with pytest.raises(InstallError, match="shim"):
+        install(prefix, bindir=BINDIR, python=shim)
+    assert list(prefix.iterdir()) == []
+
+
+def test_bindir_without_kmodd_is_refused(prefix: Path, tmp_path: Path) -> None:
+    with pytest.raises(InstallError, match="start nothing"):
+        install(prefix, bindir=tmp_path, python=PYTHON)
+
+
+def test_shipped_files_come_from_the_checkout() -> None:
+    shipped = find_shipped()
+    assert shipped.base == REPO
+    assert shipped.policies == tuple(sorted((REPO / "policies").glob("*.yaml")))
+
+
+def test_cli_json_and_exit_codes(prefix: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["install", "--prefix", str(prefix), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prefix"] == str(prefix)
+    assert {"action": "installed", "path": str(prefix / HELPER_DEST),
+            "detail": "0755, #!/usr/bin/python3 -IS"} in report["steps"]  # fmt: skip
+    assert main(["uninstall", "--prefix", str(prefix)]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert main(["install", "--prefix", str(prefix), "--python", "/bin/sh"]) == 1
+    assert "is not a Python >= 3.11" in capsys.readouterr().err
+
+
+def test_kmodctl_entry_point_installs(prefix: Path) -> None:
+    kmodctl = shutil.which("kmodctl", path=str(BINDIR))
+    assert kmodctl is not None
+    result = subprocess.run(
+        [kmodctl, "install", "--prefix", str(prefix), "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("dry run:")

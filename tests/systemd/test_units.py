@@ -1,0 +1,122 @@
+"""The shipped systemd files: systemd-analyze verify, the hardening we promise, and the
+tmpfiles drop-in applied for real by systemd-tmpfiles under a temporary root."""
+
+from __future__ import annotations
+
+import configparser
+import stat
+import subprocess
+from pathlib import Path
+
+from kmodd.cli.install import UNITS, render
+from kmodd.policy.compiler import DEFAULT_HELPER_PATH
+from tests.conftest import root_required
+
+SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
+
+
+def fake_bindir(tmp_path: Path) -> Path:
+    bindir = tmp_path / "venv/bin"
+    bindir.mkdir(parents=True)
+    for tool in ("kmodd", "kmodctl"):
+        (bindir / tool).write_text("#!/bin/sh\nexit 0\n")
+        (bindir / tool).chmod(0o755)
+    return bindir
+
+
+def rendered_units(tmp_path: Path) -> list[Path]:
+    bindir = fake_bindir(tmp_path)
+    out = []
+    for unit in UNITS:
+        path = tmp_path / unit
+        path.write_bytes(render((SYSTEMD / unit).read_text(), bindir))
+        out.append(path)
+    return out
+
+
+def verify(*units: Path) -> tuple[int, str]:
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *map(str, units)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.returncode, result.stderr
+
+
+def service_section(path: Path) -> dict[str, list[str]]:
+    """[Service] keys with every value (systemd allows repeated keys)."""
+    values: dict[str, list[str]] = {}
+    section = ""
+    for line in path.read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif section == "Service" and "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    assert verify(*rendered_units(tmp_path)) == (0, "")
+
+
+def test_verify_would_catch_a_broken_unit(tmp_path: Path) -> None:
+    # The check above can fail: a missing binary and an unknown key are both reported.
+    service = rendered_units(tmp_path)[0]
+    service.write_text(service.read_text().replace(str(tmp_path / "venv/bin"), "/nonexistent"))
+    code, err = verify(service)
+    assert code != 0
+    assert "/nonexistent/kmodd" in err
+    service.write_text(service.read_text() + "Bogus=1\n")
+    assert "Bogus" in verify(service)[1]
+
+
+def test_service_contract(tmp_path: Path) -> None:
+    service = service_section(rendered_units(tmp_path)[0])
+    bindir = tmp_path / "venv/bin"
+    assert service["Type"] == ["notify"]
+    assert service["ExecStart"] == [f"{bindir}/kmodd"]
+    # Validate first; only a valid policy reaches the reload.
+    assert service["ExecReload"] == [f"{bindir}/kmodctl validate", f"{bindir}/kmodctl reload"]
+    assert service["Restart"] == ["on-failure"]
+    assert service["WatchdogSec"] == ["30s"]
+    assert service["ProtectSystem"] == ["strict"]
+    assert service["ReadWritePaths"] == ["/run/kmodd /run/modprobe.d -/proc/sys/kernel/modprobe"]
+    assert service["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
+    assert service["CapabilityBoundingSet"] == ["CAP_CHOWN"]
+    for key in ("ProtectHome", "PrivateTmp", "NoNewPrivileges", "RuntimeDirectoryPreserve"):
+        assert service[key] == ["yes"], key
+    # libkmod reads /usr/lib/modules and kernel.modprobe must stay writable.
+    assert "ProtectKernelModules" not in service
+    assert "ProtectKernelTunables" not in service
+
+
+def test_sockets_match_the_daemon_names() -> None:
+    for kind in ("decide", "control"):
+        unit = configparser.ConfigParser(strict=False, interpolation=None)
+        unit.read(SYSTEMD / f"kmodd-{kind}.socket")
+        assert unit["Socket"]["ListenStream"] == f"/run/kmodd/{kind}.sock"
+        assert unit["Socket"]["FileDescriptorName"] == kind
+        assert unit["Socket"]["Service"] == "kmodd.service"
+        assert unit["Socket"]["SocketMode"] == "0600"
+
+
+def test_sysctl_points_at_the_helper(tmp_path: Path) -> None:
+    text = render((SYSTEMD / "50-kmodd.sysctl").read_text(), tmp_path).decode()
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert lines == [f"-kernel.modprobe = {DEFAULT_HELPER_PATH}"]
+
+
+@root_required
+def test_tmpfiles_creates_the_runtime_dirs(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(
+        ["systemd-tmpfiles", "--create", f"--root={root}", str(SYSTEMD / "kmodd.tmpfiles")],
+        check=True,
+    )
+    for directory in ("run/kmodd", "run/modprobe.d"):
+        st = (root / directory).stat()
+        assert stat.S_ISDIR(st.st_mode)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)
