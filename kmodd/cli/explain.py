@@ -45,22 +45,15 @@ def _cmdline_mode(root: Path) -> Mode | None:
         return None
 
 
-def _provenance(ctx: KmodContext, paths: Paths, names: list[str]) -> tuple[ConfigLine, ...]:
-    """modprobe.d lines relevant to NAMES (kmodd.kmod.provenance), if available."""
+def _provenance(paths: Paths, request: str, modules: list[str]) -> tuple[ConfigLine, ...]:
+    """modprobe.d lines relevant to REQUEST and MODULES, with file:line (kmodd.kmod.provenance;
+    libkmod cannot locate lines).  Empty when that reader is not available."""
     try:
         provenance = importlib.import_module("kmodd.kmod.provenance")
     except ImportError:  # the provenance reader lands separately
         return ()
-    finder = getattr(provenance, "config_lines_for", None)
-    if finder is None:
-        return ()
-    lines: list[ConfigLine] = []
-    for name in dict.fromkeys(names):
-        for line in finder(paths, name):
-            if line not in lines:
-                lines.append(line)
-    del ctx
-    return tuple(lines)
+    reader = provenance.Provenance.from_paths(paths)
+    return tuple(reader.for_request(request, list(dict.fromkeys(modules))))
 
 
 def explain(paths: Paths, name: str, source: Source, policy: PolicySet) -> Explanation:
@@ -75,8 +68,7 @@ def explain(paths: Paths, name: str, source: Source, policy: PolicySet) -> Expla
                 infos[module] = ctx.module_info(module)
             except KmoddError:
                 continue  # an install-command-only name has no modinfo
-        relevant = [name, *resolution.modules, *resolution.load_set]
-        provenance = _provenance(ctx, paths, relevant)
+    provenance = _provenance(paths, name, [*resolution.modules, *resolution.load_set])
     mode_from = "kernel command line" if override else policy.mode_from
     return Explanation(
         decision=decision,

@@ -1,0 +1,160 @@
+"""The compiler on the real Debian tree: modprobe.d text checked with kmod's modprobe,
+the helper snapshot checked with the helper's own reader."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmodd import helper
+from kmodd.kmod.context import KmodContext
+from kmodd.policy.compiler import (
+    exact_request_aliases,
+    module_verdict,
+    render_enforcement,
+    render_snapshot,
+)
+from kmodd.policy.engine import CompiledPolicy, compile_policy, decide
+from kmodd.policy.loader import load_policy_files
+from kmodd.policy.types import Mode, Verdict
+from tests.kerneltree import KernelTree
+
+BASELINE = Path(__file__).resolve().parents[2] / "policies/10-baseline.yaml"
+STUB = "/usr/local/libexec/kmodd/kmodd-modprobe --deny"
+
+
+@pytest.fixture(scope="module")
+def ctx(kernel_tree: KernelTree) -> Iterator[KmodContext]:
+    # A context of its own: no modprobe.d at all, so only the rendered file counts.
+    with KmodContext(kernel_tree.root, kernel_tree.release, config_paths=[]) as context:
+        yield context
+
+
+def compiled(tmp_path: Path, text: str, *, mode: Mode | None = None) -> CompiledPolicy:
+    path = tmp_path / "p.yaml"
+    path.write_text("kmodd: 1\n" + text)
+    return compile_policy(load_policy_files([path]), mode=mode)
+
+
+@pytest.fixture(scope="module")
+def baseline() -> CompiledPolicy:
+    return compile_policy(load_policy_files([BASELINE]))
+
+
+def modprobe_d(tree: KernelTree, conf_dir: Path, name: str) -> list[str]:
+    argv = ["modprobe", "-q", "-D", "-d", str(tree.root), "-S", tree.release]
+    proc = subprocess.run(
+        [*argv, "-C", str(conf_dir), "--", name], capture_output=True, text=True, check=False
+    )
+    return [line.strip() for line in proc.stdout.splitlines()]
+
+
+def test_enforcement_blocks_denied_modules_in_kmod(
+    kernel_tree: KernelTree, ctx: KmodContext, baseline: CompiledPolicy, tmp_path: Path
+) -> None:
+    text = render_enforcement(baseline, ctx, STUB)
+    assert text == render_enforcement(baseline, ctx, STUB)  # deterministic
+    assert f"# policy generation hash: {baseline.hash}" in text
+    assert f"install algif_aead {STUB} algif_aead\nblacklist algif_aead\n" in text
+    (tmp_path / "00-kmodd.conf").write_text(text)
+    # Direct loads run the deny stub instead of insmod...
+    assert modprobe_d(kernel_tree, tmp_path, "algif_aead")[-1] == f"install {STUB} algif_aead"
+    # ...dependencies too (6pack needs ax25, which the baseline denies)...
+    assert f"install {STUB} ax25" in modprobe_d(kernel_tree, tmp_path, "6pack")
+    # ...and alias loads (udev, kernel requests) are skipped by the blacklist line.
+    assert modprobe_d(kernel_tree, tmp_path, "net-pf-5") == []
+    assert modprobe_d(kernel_tree, tmp_path, "ext4")[-1].startswith("insmod ")
+
+
+def test_request_names_are_neutralised_by_install_lines(
+    kernel_tree: KernelTree, ctx: KmodContext, tmp_path: Path
+) -> None:
+    policy = compiled(
+        tmp_path,
+        "rules:\n"
+        "  - {id: no-hfs-mount, action: deny, match: {request: [fs-hfs*]}}\n"
+        "  - {id: no-x, action: deny, match: {request: [no-such-name]}}\n",
+    )
+    text = render_enforcement(policy, ctx, STUB)
+    # kmod normalizes install names and lookups alike ('-' == '_'): normalized forms
+    assert f"install fs_hfs {STUB} fs_hfs\n" in text
+    assert f"install fs_hfsplus {STUB} fs_hfsplus\n" in text
+    assert f"install no_such_name {STUB} no_such_name\n" in text
+    assert "blacklist fs_hfs" not in text
+    assert "install hfs " not in text  # the module itself stays loadable by name
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "00-kmodd.conf").write_text(text)
+    assert modprobe_d(kernel_tree, conf, "fs-hfs") == [f"install {STUB} fs_hfs"]
+    assert modprobe_d(kernel_tree, conf, "hfs")[-1].startswith("insmod ")
+
+
+def test_conditional_rules_are_not_rendered(ctx: KmodContext, tmp_path: Path) -> None:
+    policy = compiled(
+        tmp_path,
+        "rules:\n"
+        "  - {id: udev-ok, action: allow, match: {module: [sctp], source: [udev]}}\n"
+        "  - {id: kern-no, action: deny, match: {module: [dccp], source: [kernel]}}\n"
+        "  - {id: no-sctp, action: deny, match: {module: [sctp, dccp]}}\n",
+    )
+    assert module_verdict(policy, "sctp") is None
+    assert module_verdict(policy, "dccp") == (Verdict.DENY, "no-sctp")
+    assert module_verdict(policy, "ext4") == (Verdict.ALLOW, "default")
+    text = render_enforcement(policy, ctx, STUB)
+    assert "install dccp " in text
+    assert "install sctp " not in text
+
+
+def test_permissive_renders_a_header_only(ctx: KmodContext, baseline: CompiledPolicy) -> None:
+    permissive = compile_policy(load_policy_files([BASELINE]), mode=Mode.PERMISSIVE)
+    text = render_enforcement(permissive, ctx, STUB)
+    assert all(line.startswith("#") for line in text.splitlines())
+    assert "permissive" in text
+
+
+def test_snapshot_format_and_verdicts(
+    ctx: KmodContext, baseline: CompiledPolicy, tmp_path: Path
+) -> None:
+    data = render_snapshot(baseline, ctx, decide, 7, "/usr/sbin/modprobe")
+    path = tmp_path / "snapshot"
+    path.write_bytes(data)
+    assert helper.read_snapshot(str(path)) == data
+    header = helper.snapshot_header(data)
+    assert header == {
+        b"generation": b"7",
+        b"mode": b"enforce",
+        b"modprobe": b"/usr/sbin/modprobe",
+        b"hash": baseline.hash.encode(),
+    }
+    lookups = {
+        "net_pf_5": (b"d", b"legacy-net-protocols"),
+        "algif_aead": (b"d", b"copy-fail"),
+        "6pack": (b"d", b"legacy-net-protocols"),
+        "ext4": (b"a", b"default"),
+        "fs_hfs": (b"d", b"rare-filesystems"),
+        "net_pf_2_proto_132": (b"d", b"rare-net-sctp"),
+    }
+    for key, expected in lookups.items():
+        assert helper.snapshot_lookup(data, key.encode()) == expected, key
+    assert helper.snapshot_lookup(data, b"net-pf-5") is None  # keys are normalized
+    table = data.split(b"\n\n", 1)[1].removesuffix(b"end\n").splitlines()
+    keys = [line.split(b" ")[0] for line in table]
+    assert keys == sorted(set(keys))
+    assert len(keys) >= len(ctx.module_names())
+    assert all(len(line.split(b" ")) == 3 for line in table)
+
+
+def test_exact_request_aliases(ctx: KmodContext) -> None:
+    aliases = exact_request_aliases(ctx)
+    assert "net_pf_5" in aliases
+    assert "fs_ext4" in aliases
+    assert all("*" not in a and "[" not in a for a in aliases)
+    assert not any(a.startswith("pci:") for a in aliases)
+
+
+def test_unsafe_modprobe_path_is_refused(ctx: KmodContext, baseline: CompiledPolicy) -> None:
+    with pytest.raises(ValueError, match="absolute"):
+        render_snapshot(baseline, ctx, decide, 1, "modprobe\nmode permissive")
