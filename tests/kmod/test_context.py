@@ -181,3 +181,9 @@ def test_default_config_is_the_five_dirs_under_root(tiny_tree: TinyTree) -> None
         assert ctx.config_paths == config_dirs(tiny_tree.root)
         assert ctx.config_paths[0] == str(tiny_tree.root / "etc/modprobe.d")
         assert ctx.resolve("net-pf-5").modules == ("appletalk",)
+
+
+def test_warm_fills_the_cache(tiny_tree: TinyTree, tmp_path: Path) -> None:
+    with _ctx(tiny_tree, tmp_path) as ctx:
+        assert ctx.warm(["net-pf-5", "nosuch", "ext4"]) == 2
+        assert set(ctx._cache) == {"net-pf-5", "nosuch", "ext4"}
