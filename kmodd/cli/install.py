@@ -19,6 +19,7 @@ import json
 import os
 import stat
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -90,16 +91,23 @@ class Manifest:
     dirs: list[str] = field(default_factory=list)  # created by us, removed if empty
 
 
-def find_shipped() -> Shipped:
-    """systemd/ and policies/ of a checkout (editable install) or of sys.prefix/share/kmodd."""
+def shipped_bases() -> tuple[Path, ...]:
+    """Where shipped files may live, first match wins: the checkout (editable install)
+    holding this package, then the wheel's data-files under sys.prefix/share/kmodd."""
     package = Path(kmodd.__file__).resolve().parent
-    for base in (package.parent, Path(sys.prefix) / "share/kmodd"):
+    return (package.parent, Path(sys.prefix) / "share/kmodd")
+
+
+def find_shipped(bases: Sequence[Path] | None = None) -> Shipped:
+    """systemd/ and policies/ from the first base that has systemd/kmodd.service."""
+    bases = shipped_bases() if bases is None else tuple(bases)
+    for base in bases:
         if (base / "systemd/kmodd.service").is_file():
             policies = tuple(sorted((base / "policies").glob("*.yaml")))
             return Shipped(base, base / "systemd", policies)
     raise InstallError(
         "cannot find the shipped systemd units",
-        hint=f"expected systemd/kmodd.service next to {package} or under {sys.prefix}/share/kmodd",
+        hint="looked for systemd/kmodd.service under " + ", ".join(map(str, bases)),
     )
 
 

@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -242,6 +243,28 @@ def test_shipped_files_come_from_the_checkout() -> None:
     shipped = find_shipped()
     assert shipped.base == REPO
     assert shipped.policies == tuple(sorted((REPO / "policies").glob("*.yaml")))
+
+
+def test_shipped_files_from_a_wheel_layout(tmp_path: Path) -> None:
+    # pip puts the wheel's data-files (pyproject [tool.setuptools.data-files]) here.
+    share = tmp_path / "venv/share/kmodd"
+    shutil.copytree(REPO / "systemd", share / "systemd")
+    shutil.copytree(REPO / "policies", share / "policies")
+    shipped = find_shipped([tmp_path / "not-a-checkout", share])
+    assert shipped.systemd == share / "systemd"
+    assert [p.name for p in shipped.policies] == sorted(
+        p.name for p in (REPO / "policies").glob("*.yaml")
+    )
+    with pytest.raises(InstallError, match="cannot find"):
+        find_shipped([tmp_path / "nothing"])
+
+
+def test_pyproject_ships_what_install_reads() -> None:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert config["tool"]["setuptools"]["data-files"] == {
+        "share/kmodd/systemd": ["systemd/*"],
+        "share/kmodd/policies": ["policies/*.yaml"],
+    }
 
 
 def test_cli_json_and_exit_codes(prefix: Path, capsys: pytest.CaptureFixture[str]) -> None:
