@@ -1,0 +1,168 @@
+"""`kmodctl status` and `kmodctl reload`: the verbs that talk to the running daemon."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from kmodd import wire
+from kmodd.cli import client
+from kmodd.cli.common import print_json, wants_json
+from kmodd.cli.verbs import Verb, VerbSpec
+from kmodd.errors import KmoddError
+from kmodd.paths import make_paths
+
+VERBS: tuple[VerbSpec, ...] = (
+    VerbSpec(
+        Verb.STATUS,
+        "show the running daemon's generation, mode, counters and problems",
+        "kmodd.cli.online:status",
+        description="Ask the running kmodd for its state: pid, uptime, policy generation"
+        " and hash, mode, policy files, last reload (with errors), decision counters,"
+        " kernel.modprobe, enforcement file, conflicts, devices and loaded modules the"
+        " policy denies.  Exit 1 when the daemon is not running.",
+        epilog="examples:\n  kmodctl status\n  kmodctl status --json | jq .decisions",
+    ),
+    VerbSpec(
+        Verb.RELOAD,
+        "reload the policy now and wait for the result",
+        "kmodd.cli.online:reload",
+        description="Ask kmodd (root only) to build a new policy generation.  Waits until"
+        " it is live; on failure prints every error (FILE:LINE:COL) and exits 1 while the"
+        " daemon keeps the previous generation.",
+    ),
+)
+
+
+def _socket(args: argparse.Namespace) -> Any:
+    # The control socket needs no kernel release: don't make --root pick one.
+    return make_paths(args.root, args.kernel or "-", args.runtime_dir).control_socket
+
+
+def _remote(err: wire.RemoteError) -> KmoddError:
+    if err.name == wire.ErrorName.PERMISSION_DENIED:
+        return KmoddError(err.message, hint="run as root")
+    return KmoddError(f"kmodd: {err.message} ({err.name})")
+
+
+def status(args: argparse.Namespace) -> int:
+    try:
+        doc = client.call(_socket(args), wire.Method.STATUS)
+    except wire.RemoteError as err:
+        raise _remote(err) from None
+    if wants_json(args):
+        print_json(doc)
+    else:
+        sys.stdout.write(render_status(doc))
+    return 0
+
+
+def reload(args: argparse.Namespace) -> int:
+    try:
+        reply = client.call(_socket(args), wire.Method.RELOAD, timeout=client.RELOAD_TIMEOUT_S)
+    except wire.RemoteError as err:
+        if err.name != wire.ErrorName.RELOAD_FAILED:
+            raise _remote(err) from None
+        errors = [str(e) for e in err.parameters.get("errors", [])]
+        kept = err.parameters.get("kept_generation")
+        if wants_json(args):
+            print_json({"ok": False, "errors": errors, "kept_generation": kept})
+        for line in errors:
+            print(line, file=sys.stderr)
+        keeping = f"keeping generation {kept}" if kept is not None else "no generation is active"
+        print(f"kmodctl: reload failed, {keeping}", file=sys.stderr)
+        return 1
+    if wants_json(args):
+        print_json({"ok": True, **reply})
+    else:
+        print(f"reloaded: policy generation {reply['generation']} ({str(reply['hash'])[:12]})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Human rendering of io.kmodd.Status
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    parts = (
+        [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours) + [f"{minutes}m"] * bool(minutes)
+    )
+    return " ".join([*parts, f"{s}s"])
+
+
+def _counts(counter: dict[str, int]) -> str:
+    items = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{k} {v}" for k, v in items) or "none"
+
+
+def _generation_lines(doc: dict[str, Any]) -> list[str]:
+    gen = doc.get("generation")
+    if gen is None:
+        return ["generation:  NONE (the helper decides from its last snapshot)"]
+    mode = gen["mode"] + (" (set by the kernel command line)" if gen["mode_overridden"] else "")
+    lines = [
+        f"generation:  {gen['number']}  hash {gen['hash'][:12]}",
+        f"mode:        {mode}; default {gen['default']}; {gen['rules']} rule(s)",
+    ]
+    files = gen["files"] or ["(none)"]
+    lines += [f"policy:      {files[0]}"] + [f"             {f}" for f in files[1:]]
+    return lines
+
+
+def _reload_lines(doc: dict[str, Any]) -> list[str]:
+    last = doc.get("last_reload")
+    if last is None:
+        return []
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
+    result = "ok" if last["ok"] else "FAILED"
+    lines = [f"last reload: {result} at {when} ({last['cause']}, {last['duration_s']} s)"]
+    lines += [f"  {e}" for e in last["errors"]]
+    return lines
+
+
+def _modprobe_line(doc: dict[str, Any]) -> str:
+    km = doc["kernel_modprobe"]
+    if not km["managed"]:
+        return "kernel.modprobe: not managed by this daemon"
+    if km["points_at_helper"]:
+        return f"kernel.modprobe: {km['current']} (the kmodd helper)"
+    return f"kernel.modprobe: {km['current']!r}, NOT the kmodd helper {km['expected']}"
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    d = doc["decisions"]
+    lines = [
+        f"kmodd:       running, pid {doc['pid']}, up {_duration(doc['uptime_s'])}",
+        *_generation_lines(doc),
+        *_reload_lines(doc),
+        f"decisions:   {_counts(d['verdicts'])}",
+        f"  by rule:   {_counts(d['rules'])}",
+        f"  by source: {_counts(d['sources'])}",
+        f"journal:     {doc['journal']['dropped']} record(s) dropped",
+        _modprobe_line(doc),
+        f"enforcement: {doc['enforcement_file']}",
+    ]
+    sections = (
+        ("conflicts", doc["conflicts"], lambda c: f"{c['kind']} {c['module']}: {c['detail']}"),
+        (
+            "devices needing denied modules",
+            doc["devices_denied"],
+            lambda x: f"{x['devpath']} ({' '.join(x['modules'])}; rule {x['rule']})",
+        ),
+        (
+            "loaded modules the policy denies",
+            doc["loaded_denied"],
+            lambda x: f"{x['module']} (rule {x['rule']})",
+        ),
+        ("notes", doc["notes"], str),
+    )
+    for title, items, show in sections:
+        lines.append(f"{title}: {'none' if not items else len(items)}")
+        lines += [f"  {show(item)}" for item in items]
+    return "\n".join(lines) + "\n"
