@@ -279,11 +279,18 @@ def _systemd_running(prefix: Path) -> bool:
 
 
 def _systemctl(args: list[str], steps: list[Step], dry_run: bool) -> None:
+    _run(["systemctl", *args], steps, dry_run)
+
+
+def _run(command: list[str], steps: list[Step], dry_run: bool) -> None:
     import subprocess  # noqa: PLC0415 -- only on a live install; every kmodctl run imports us
 
-    command = ["systemctl", *args]
     if not dry_run:
-        result = subprocess.run(command, check=False, capture_output=True, text=True)
+        try:
+            result = subprocess.run(command, check=False, capture_output=True, text=True)
+        except OSError as err:
+            steps.append(Step(Action.RAN, " ".join(command), f"failed: {err.strerror}"))
+            return
         if result.returncode != 0:
             steps.append(Step(Action.RAN, " ".join(command), f"failed: {result.stderr.strip()}"))
             return
@@ -317,6 +324,9 @@ def install(prefix: Path, *, bindir: Path, python: Path, dry_run: bool = False) 
     for stale in sorted(set(old.files) - set(wanted)):
         if _safe_rel(stale):
             _remove(prefix / stale, dry_run, steps)
+    changed = {s.path for s in steps if s.action in (Action.INSTALLED, Action.UPDATED)}
+    if prefix == Path("/") and "/" + CATALOG_DEST in changed:
+        _run(["journalctl", "--update-catalog"], steps, dry_run)
     if _systemd_running(prefix):
         _systemctl(["daemon-reload"], steps, dry_run)
     return steps
