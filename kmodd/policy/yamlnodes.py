@@ -149,7 +149,8 @@ def load_document(text: str, path: str) -> tuple[Document | None, list[Issue]]:
         mark = err.problem_mark or err.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
         problem = err.problem or err.context or "invalid YAML"
-        hint = "indent with spaces, not tabs" if "\t" in text and "token" in problem else None
+        tabs = "tab" in problem or ("\t" in text and "token" in problem)
+        hint = "indent with spaces, not tabs" if tabs else None
         return None, [Issue(path, line, col, f"YAML syntax: {problem}", hint)]
     except yaml.YAMLError as err:
         return None, [Issue(path, 0, 0, f"YAML: {err}")]

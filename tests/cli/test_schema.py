@@ -1,0 +1,23 @@
+"""`kmodctl schema`: draft-07 JSON Schema with descriptions for editors."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from kmodd.cli.main import main
+
+
+def test_schema_is_draft_07_with_descriptions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
+    assert schema["additionalProperties"] is False
+    assert set(schema["required"]) == {"kmodd"}
+    match = schema["$defs"]["Match"]
+    assert "class" in match["properties"]
+    assert "'-' and '_' are equal" in match["properties"]["module"]["description"]
+    assert schema["$defs"]["Rule"]["properties"]["action"]["$ref"] == "#/$defs/Action"
