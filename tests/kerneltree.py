@@ -191,6 +191,9 @@ def ensure_kernel_tree() -> KernelTree:
     """The cached tree of Debian's current kernel image; built on first use."""
     directory = cache_dir()
     with _locked(directory):
+        # Holding the lock, no build is running: a .build-* left here was killed midway.
+        for stale in directory.glob(".build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             package, version = _current_package(directory)
         except KernelTreeError:
