@@ -94,7 +94,6 @@ class Journald:
                 "-o",
                 "json",
                 "--no-pager",
-                "--output-fields=*",
                 *matches,
             ],
             capture_output=True,

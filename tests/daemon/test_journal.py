@@ -1,0 +1,184 @@
+"""Journal records: the bounded sink (unit), and the exact fields read back from a real,
+namespaced journald (root)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmodd import helper
+from kmodd.daemon.journal import JournalSink, MessageId, Priority, Record, stream_sender
+from tests import journald
+from tests.conftest import root_required
+from tests.daemon.running import Daemon, SystemRoot, as_nobody, make_root, run_helper
+from tests.daemon.test_daemon import _CONNECT
+from tests.kerneltree import KernelTree
+
+
+def rec(n: int) -> Record:
+    return Record(MessageId.NOTICE, Priority.INFO, f"m{n}", {"KMODD_N": str(n)})
+
+
+def test_sink_never_blocks_and_counts_drops() -> None:
+    gate, entered = threading.Event(), threading.Event()
+    sent: list[Record] = []
+
+    def slow(record: Record) -> None:
+        entered.set()
+        gate.wait(30)
+        sent.append(record)
+
+    sink = JournalSink(slow, maxsize=4)
+    sink.start()
+    sink.emit(rec(0))
+    assert entered.wait(10)  # the writer is stuck in journald with record 0
+    for n in range(1, 20):  # the queue takes four, the other fifteen are dropped at once
+        sink.emit(rec(n))
+    assert sink.dropped == 15
+    gate.set()
+    assert sink.flush()
+    assert len(sent) + sink.dropped == 20
+    sink.stop()
+
+
+def test_sender_failure_is_counted_not_fatal() -> None:
+    def broken(record: Record) -> None:
+        raise ConnectionRefusedError("stale journald socket")
+
+    sink = JournalSink(broken)
+    sink.start()
+    sink.emit(rec(1))
+    sink.emit(rec(2))
+    assert sink.flush()
+    assert sink.failed == 2
+    sink.stop()
+
+
+def test_stream_sender_line() -> None:
+    out = io.StringIO()
+    stream_sender(out)(Record(MessageId.DENY, Priority.WARNING, "denied x", {"KMODD_RULE": "r"}))
+    assert out.getvalue() == "<4>kmodd: denied x  KMODD_RULE=r\n"
+
+
+def test_message_ids_are_unique_and_documented() -> None:
+    ids = [m.value for m in MessageId]
+    assert len(set(ids)) == len(ids)
+    repo = Path(__file__).resolve().parents[2]
+    docs = (repo / "docs/journal.md").read_text()
+    catalog = (repo / "systemd/kmodd.catalog").read_text()
+    for m in MessageId:
+        assert m.value in docs, m
+        assert f"-- {m.value}" in catalog, m
+
+
+# --- real journald -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[journald.Journald]:
+    why = journald.available()
+    if why is not None:
+        pytest.skip(why)
+    with journald.running_journald(tmp_path_factory.mktemp("journald")) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def logged(kernel_tree: KernelTree, jd: journald.Journald) -> Iterator[tuple[SystemRoot, Daemon]]:
+    sr = make_root(kernel_tree)
+    daemon = Daemon(sr, wrap=jd.wrap).start()
+    yield sr, daemon
+    daemon.stop()
+    shutil.rmtree(sr.root.parent, ignore_errors=True)
+
+
+def _kmodd(r: dict[str, str]) -> bool:
+    return r.get("SYSLOG_IDENTIFIER") == "kmodd"
+
+
+@root_required
+def test_decision_records_carry_the_exact_fields(
+    jd: journald.Journald, logged: tuple[SystemRoot, Daemon]
+) -> None:
+    sr, daemon = logged
+    assert run_helper(sr, "-q", "--", "algif-aead") == (1, None)
+    assert run_helper(sr, "-q", "--", "fs-vfat") == (0, ["-q", "--", "fs-vfat"])
+    gen = str(daemon.generation())
+    deny = jd.wait_for(lambda r: r.get("KMODD_REQUEST") == "algif-aead", "SYSLOG_IDENTIFIER=kmodd")
+    assert len(deny) == 1
+    d = deny[0]
+    assert d["MESSAGE_ID"] == MessageId.DENY.value
+    assert d["PRIORITY"] == "4"
+    assert d["KMODD_VERDICT"] == "deny"
+    assert d["KMODD_RULE"] == "copy-fail"
+    assert d["KMODD_MODULES"] == "af_alg algif_aead"
+    assert d["KMODD_SOURCE"] == "kernel"
+    assert d["KMODD_MODE"] == "enforce"
+    assert d["KMODD_POLICY_GENERATION"] == gen
+    assert d["KMODD_CLASS"] == "crypto"
+    assert d["KMODD_MODULE"] == "algif_aead"
+    assert d["KMODD_REASON"] == "algif_aead denied by rule copy-fail: CVE-2026-31431: AF_ALG AEAD"
+    assert d["MESSAGE"].startswith("denied algif-aead: ")
+    allow = jd.wait_for(lambda r: r.get("KMODD_REQUEST") == "fs-vfat", "SYSLOG_IDENTIFIER=kmodd")
+    a = allow[0]
+    assert (a["MESSAGE_ID"], a["PRIORITY"], a["KMODD_VERDICT"], a["KMODD_RULE"]) == (
+        MessageId.ALLOW.value,
+        "6",
+        "allow",
+        "default",
+    )
+    assert a["KMODD_MODULES"] == "fat vfat"
+
+
+@root_required
+def test_lifecycle_and_reload_records(
+    jd: journald.Journald, logged: tuple[SystemRoot, Daemon]
+) -> None:
+    _sr, daemon = logged
+    assert daemon.proc is not None
+    pid = f"_PID={daemon.proc.pid}"
+    ids = {r["MESSAGE_ID"] for r in jd.wait_for(_kmodd, pid, count=2)}
+    assert MessageId.START.value in ids and MessageId.RELOAD_OK.value in ids
+
+
+@root_required
+def test_refused_peer_is_logged(jd: journald.Journald, logged: tuple[SystemRoot, Daemon]) -> None:
+    sr, _daemon = logged
+
+    sock = sr.runtime / helper.DECIDE_SOCKET
+    sock.chmod(0o666)
+    try:
+        as_nobody(_CONNECT, str(sock), "decide fs-vfat\n")
+    finally:
+        sock.chmod(0o600)
+    found = jd.wait_for(
+        lambda r: r.get("MESSAGE_ID") == MessageId.REFUSED.value, "SYSLOG_IDENTIFIER=kmodd"
+    )
+    assert found and found[0]["KMODD_PEER_UID"] == "65534"
+    assert found[0]["KMODD_SOCKET"] == "decide"
+
+
+@root_required
+def test_helper_fallbacks_go_to_syslog(jd: journald.Journald, kernel_tree: KernelTree) -> None:
+    sr = make_root(kernel_tree)
+    try:
+        daemon = Daemon(sr).start()
+        daemon.stop()  # the snapshot stays; nobody answers on decide.sock
+        assert run_helper(sr, "-q", "--", "algif-aead", wrap=jd.wrap) == (1, None)
+        assert run_helper(sr, "--deny", "dccp", wrap=jd.wrap) == (1, None)
+        assert run_helper(sr, "-x", wrap=jd.wrap) == (2, None)
+        ident = "SYSLOG_IDENTIFIER=kmodd-modprobe"
+        found = [r["MESSAGE"] for r in jd.wait_for(lambda r: True, ident, count=3)]
+        assert (
+            "fallback for algif-aead: daemon did not answer; snapshot denies (rule copy-fail)"
+            in found
+        )
+        assert "denied dccp through modprobe.d" in found
+        assert any(m.startswith("usage error") for m in found)
+    finally:
+        shutil.rmtree(sr.root.parent, ignore_errors=True)
