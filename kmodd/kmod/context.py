@@ -25,6 +25,7 @@ the Debian tree: ~0.2 s) when a new context is opened.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -123,7 +124,9 @@ class KmodContext:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        # A forgotten close(): release anyway, quietly (this may run at interpreter exit).
+        with contextlib.suppress(Exception):
+            self.close()
 
     @property
     def ctx(self) -> int:
