@@ -1,0 +1,1 @@
+"""kmodd benchmarks (not timed tests): `python -m bench.bench_core` and friends."""
