@@ -144,13 +144,18 @@ def _watcher(args: argparse.Namespace, paths: Paths, core: Core, cleanup: Cleanu
         return
     from kmodd.daemon.watch import Watcher  # noqa: PLC0415 -- watchdog costs ~50 ms
 
+    # Create run/modprobe.d before watching it, so publishing the first generation into it
+    # is not seen as a new directory (which would trigger a needless second generation).
+    with contextlib.suppress(OSError):
+        paths.enforcement_file.parent.mkdir(mode=0o755, exist_ok=True)
     watcher = Watcher(paths, core.post)
     watcher.start()
     cleanup.append(watcher.stop)
 
 
 def _udev(args: argparse.Namespace, paths: Paths, core: Core, cleanup: Cleanup) -> None:
-    if args.no_udev or paths.root != Path("/"):
+    # Also with --root: the devices are this machine's, the policy and tree the root's.
+    if args.no_udev:
         return
     from kmodd.daemon.udev import UdevSource  # noqa: PLC0415 -- pyudev costs ~30 ms
 

@@ -91,6 +91,7 @@ class Daemon:
     sr: SystemRoot
     extra: Sequence[str] = ()
     wrap: Callable[[list[str]], list[str]] | None = None
+    udev: bool = False  # listen to this machine's uevents (tests of the udev path)
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -115,7 +116,7 @@ class Daemon:
             str(sr.cmdline),
             "--helper-path",
             str(HELPER),
-            "--no-udev",
+            *(() if self.udev else ("--no-udev",)),
             *self.extra,
         ]
         return self.wrap(cmd) if self.wrap else cmd

@@ -182,3 +182,54 @@ def test_helper_fallbacks_go_to_syslog(jd: journald.Journald, kernel_tree: Kerne
         assert any(m.startswith("usage error") for m in found)
     finally:
         shutil.rmtree(sr.root.parent, ignore_errors=True)
+
+
+UDEV_POLICY = """\
+kmodd: 1
+default: allow
+rules:
+  - id: no-vmclock-test
+    action: deny
+    match:
+      request: ["{modalias}"]
+    reason: "test: deny the harmless device's modalias"
+"""
+
+
+@root_required
+def test_real_uevent_is_decided_and_logged_with_source_udev(
+    jd: journald.Journald, kernel_tree: KernelTree
+) -> None:
+    from tests.daemon.test_udev import _harmless_device  # noqa: PLC0415 -- shared finder
+
+    device = _harmless_device()
+    if device is None:
+        pytest.skip("no device with a modalias under /sys/bus on this machine")
+    sr = make_root(kernel_tree)
+    sr.write_policy(UDEV_POLICY.format(modalias=device.modalias.replace("*", "[*]")))
+    daemon = Daemon(sr, wrap=jd.wrap, udev=True)
+    try:
+        daemon.start()
+        # Coldplug at start: the present device needs a denied "module" -> status lists it.
+        doc = daemon.wait_status(lambda d: d["devices_denied"] != [])
+        denied = {d["devpath"]: d["rule"] for d in doc["devices_denied"]}
+        assert denied[device.devpath] == "no-vmclock-test"
+        device.trigger()
+        found = jd.wait_for(
+            lambda r: (
+                r.get("KMODD_DEVPATH") == device.devpath and r.get("KMODD_UDEV_ACTION") == "add"
+            ),
+            "SYSLOG_IDENTIFIER=kmodd",
+        )
+        assert found, "no udev decision record"
+        r = found[0]
+        assert r["KMODD_DEVPATH"] == device.devpath
+        assert r["KMODD_REQUEST"] == device.modalias
+        assert r["KMODD_SOURCE"] == "udev"
+        assert r["KMODD_VERDICT"] == "deny" and r["KMODD_RULE"] == "no-vmclock-test"
+        assert r["KMODD_SUBSYSTEM"] == device.subsystem
+        assert r["MESSAGE_ID"] == MessageId.DENY.value
+    finally:
+        if daemon.proc is not None:
+            daemon.stop()
+        shutil.rmtree(sr.root.parent, ignore_errors=True)
