@@ -69,6 +69,9 @@ def read_policy_bytes(path: Path) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _single(path, "not a regular file")
+        unsafe = _unsafe_owner_or_mode(st)
+        if unsafe is not None:
+            raise _single(path, unsafe, "chown root and chmod go-w the policy file")
         data = handle.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise _single(
@@ -77,6 +80,17 @@ def read_policy_bytes(path: Path) -> bytes:
             "split it into several drop-ins or simplify it",
         )
     return data
+
+
+def _unsafe_owner_or_mode(st: os.stat_result) -> str | None:
+    """Policy decides what root loads: a file another user can write is refused (as
+    USBGuard does).  Owned by root or by whoever runs us (kmodctl validate on one's own
+    draft), and never world-writable."""
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid}, not root"
+    if st.st_mode & stat.S_IWOTH:
+        return "writable by every user"
+    return None
 
 
 def _single(path: Path, message: str, hint: str | None = None) -> InvalidInputError:

@@ -183,3 +183,19 @@ def test_hash_changes_with_content_and_name(tmp_path: Path) -> None:
     b = write(tmp_path / "b.yaml", a.read_text())
     assert len({h1, h2, load_policy_files([b]).hash}) == 3
     assert load_policy_files([a]).hash == h2
+
+
+def test_world_writable_policy_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "w.yaml", GOOD)
+    path.chmod(0o666)
+    (found,) = problems(path)
+    assert "writable by every user" in found
+    assert "chmod go-w" in found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_policy_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "o.yaml", GOOD)
+    os.chown(path, 65534, 65534)
+    (found,) = problems(path)
+    assert "owned by uid 65534, not root" in found
