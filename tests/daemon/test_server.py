@@ -1,0 +1,155 @@
+"""Runtime dir and socket setup (kmodd.daemon.server) and atomic publishing
+(kmodd.daemon.atomic): the parts that must be safe against a hostile file system."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kmodd.daemon import atomic, server
+from tests.conftest import root_required
+
+
+def test_runtime_dir_is_created_0755_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        server.prepare_runtime_dir(tmp_path / "rt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "rt").stat().st_mode) == 0o755
+
+
+def test_runtime_dir_symlink_is_refused_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    (tmp_path / "rt").symlink_to(target)
+    with pytest.raises(server.ServerError, match="symlink"):
+        server.prepare_runtime_dir(tmp_path / "rt")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+
+
+def test_group_writable_runtime_dir_is_refused(tmp_path: Path) -> None:
+    rt = tmp_path / "rt"
+    rt.mkdir()
+    rt.chmod(0o775)
+    with pytest.raises(server.ServerError, match="mode 775"):
+        server.prepare_runtime_dir(rt)
+
+
+@root_required
+def test_foreign_runtime_dir_is_refused(tmp_path: Path) -> None:
+    rt = tmp_path / "rt"
+    rt.mkdir()
+    os.chown(rt, 65534, 65534)
+    with pytest.raises(server.ServerError, match="owned by uid 65534"):
+        server.prepare_runtime_dir(rt)
+
+
+def test_bind_replaces_a_stale_socket_and_sets_the_mode(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    sock = server.bind_unix(path, 0o600, None)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["s.sock"]  # no temp left
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(path))
+        client.close()
+    finally:
+        sock.close()
+
+
+def test_bind_refuses_to_replace_a_non_socket(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    path.write_text("precious")
+    with pytest.raises(server.ServerError, match="not a socket"):
+        server.bind_unix(path, 0o600, None)
+    assert path.read_text() == "precious"
+
+
+def test_bind_never_follows_a_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("x")
+    (tmp_path / "s.sock").symlink_to(victim)
+    with pytest.raises(server.ServerError):
+        server.bind_unix(tmp_path / "s.sock", 0o600, None)
+    assert victim.read_text() == "x"
+
+
+def test_activation_env_for_another_pid_is_ignored() -> None:
+    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"}
+    assert server.activated_sockets(env) == {}
+
+
+_ACTIVATE = """
+import os, sys
+decide, control = int(sys.argv[1]), int(sys.argv[2])
+os.dup2(decide, 3); os.dup2(control, 4)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2",
+                  LISTEN_FDNAMES="decide:control")
+os.execv(sys.executable, [sys.executable, "-c",
+    "import os, sys; from kmodd.daemon.server import activated_sockets as a; "
+    "found = a(); print(sorted(map(str, found)), sorted(k.getsockname() for k in found.values()), "
+    "'LISTEN_PID' in os.environ)"])
+"""
+
+
+def test_socket_activation_by_fd_name(tmp_path: Path) -> None:
+    socks = []
+    for name in ("decide.sock", "control.sock"):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(tmp_path / name))
+        s.listen()
+        socks.append(s)
+    fds = [s.fileno() for s in socks]
+    out = subprocess.run(
+        [sys.executable, "-c", _ACTIVATE, *map(str, fds)],
+        pass_fds=fds,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    expected = sorted(str(tmp_path / n) for n in ("control.sock", "decide.sock"))
+    assert out.strip() == f"['control', 'decide'] {expected} False"
+    for s in socks:
+        s.close()
+
+
+def test_atomic_write_replaces_and_skips_identical(tmp_path: Path) -> None:
+    path = tmp_path / "f.conf"
+    assert atomic.write_atomic(path, b"one\n") is True
+    inode = path.stat().st_ino
+    assert atomic.write_atomic(path, b"one\n") is False  # unchanged: not rewritten
+    assert path.stat().st_ino == inode
+    assert atomic.write_atomic(path, b"two\n") is True
+    assert path.read_bytes() == b"two\n" and path.stat().st_ino != inode
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["f.conf"]
+
+
+def test_atomic_write_refuses_a_symlinked_directory(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(atomic.UnsafePathError):
+        atomic.write_atomic(tmp_path / "link/f.conf", b"x")
+    assert list(real.iterdir()) == []
+
+
+def test_atomic_write_replaces_a_planted_symlink_without_following(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (tmp_path / "f.conf").symlink_to(victim)
+    atomic.write_atomic(tmp_path / "f.conf", b"new")
+    assert victim.read_text() == "keep"
+    assert not (tmp_path / "f.conf").is_symlink()
+    assert (tmp_path / "f.conf").read_bytes() == b"new"
