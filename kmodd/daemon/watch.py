@@ -80,6 +80,19 @@ def targets_for(paths: Paths) -> tuple[Target, ...]:
     return tuple(found)
 
 
+def resolved(targets: Iterable[Target]) -> tuple[Target, ...]:
+    """Targets with symlinks resolved and aliases merged.  On merged-/usr systems
+    /lib/modprobe.d IS /usr/lib/modprobe.d: inotify gives both paths one watch descriptor,
+    so watching both would report events under either name and unscheduling one would
+    silently end the other."""
+    out: list[Target] = []
+    for target in targets:
+        real = Target(target.path.resolve(), target.patterns)
+        if real not in out:
+            out.append(real)
+    return tuple(out)
+
+
 def nearest_existing(path: Path) -> Path:
     while not path.is_dir() and path != path.parent:
         path = path.parent
@@ -170,6 +183,10 @@ class Watcher:
         observer_factory: Any = Observer,
     ) -> None:
         self.targets = targets_for(paths)
+        # What classification and watches use; re-resolved on every re-arm because a dir
+        # may be replaced by a symlink (or the reverse).  Swapped whole: the observer
+        # thread reads it without a lock.
+        self._real = resolved(self.targets)
         self._post = post
         self._debounce_s = debounce_s
         self._reconcile_s = reconcile_s
@@ -190,7 +207,7 @@ class Watcher:
         return frozenset(self._watches)
 
     def start(self) -> None:
-        self._fingerprint = fingerprint(self.targets)
+        self._fingerprint = fingerprint(self._real)
         self._rearm()
         self._observer.start()
         self._worker.start()
@@ -211,7 +228,7 @@ class Watcher:
         raw = [os.fsdecode(event.src_path)]
         if event.dest_path:
             raw.append(os.fsdecode(event.dest_path))
-        found = classify(raw, event.is_directory, self.targets)
+        found = classify(raw, event.is_directory, self._real)
         if not found.relevant:
             return
         with self._cond:
@@ -259,12 +276,12 @@ class Watcher:
         # Re-arm first, then post: the core's rescan happens after the new watches exist,
         # so a file written into a re-created dir is never missed.
         self._rearm()
-        self._fingerprint = fingerprint(self.targets)
+        self._fingerprint = fingerprint(self._real)
         self._emit(batch)
 
     def _reconcile(self) -> None:
         self._rearm()
-        now = fingerprint(self.targets)
+        now = fingerprint(self._real)
         if now != self._fingerprint:
             changed = {entry[0] for entry in now ^ self._fingerprint}
             self._fingerprint = now
@@ -279,7 +296,8 @@ class Watcher:
     def _rearm(self) -> None:
         """Make the inotify watches match watch_points(): drop watches on dirs that are gone
         or were replaced (a dead emitter never recovers), add the missing ones."""
-        wanted = watch_points(self.targets)
+        self._real = resolved(self.targets)
+        wanted = watch_points(self._real)
         for path, (watch, identity) in list(self._watches.items()):
             if path not in wanted or _identity(path) != identity:
                 del self._watches[path]

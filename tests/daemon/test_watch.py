@@ -188,6 +188,28 @@ def test_module_dir_appearing_after_start(tmp_path: Path, inbox: Inbox) -> None:
         w.stop()
 
 
+def test_merged_usr_aliases_share_one_watch(tmp_path: Path, inbox: Inbox) -> None:
+    # Debian 12 layout: ROOT/lib -> usr/lib, so lib/modprobe.d and lib/modules/REL are
+    # the same dirs as usr/lib/modprobe.d and usr/lib/modules/REL.
+    root = tmp_path / "root"
+    (root / "usr/lib/modprobe.d").mkdir(parents=True)
+    (root / "usr/lib/modules" / RELEASE).mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "lib").symlink_to("usr/lib")
+    paths = Paths(root=root, release=RELEASE, runtime_dir=tmp_path / "run-kmodd")
+    w = Watcher(paths, inbox.post)
+    w.start()
+    try:
+        inodes = [(p.stat().st_dev, p.stat().st_ino) for p in w.watched]
+        assert len(inodes) == len(set(inodes))  # one watch per directory, whatever its name
+        (root / "lib/modprobe.d/a.conf").write_text("\n")
+        assert inbox.next().paths == (str(root / "usr/lib/modprobe.d/a.conf"),)
+        (root / "lib/modules" / RELEASE / "modules.dep").write_text("")
+        assert inbox.next().paths == (str(root / "usr/lib/modules" / RELEASE / "modules.dep"),)
+    finally:
+        w.stop()
+
+
 class DeafObserver:
     """An observer that never reports anything: inotify overflow at its worst."""
 
