@@ -12,7 +12,6 @@ from kmodd.cli.common import print_json
 from kmodd.policy.model import PolicyFile
 
 DRAFT_07 = "http://json-schema.org/draft-07/schema#"
-SCHEMA_ID = "https://kmodd.invalid/schema/policy-1.json"
 
 
 class Draft07(GenerateJsonSchema):
@@ -22,7 +21,7 @@ class Draft07(GenerateJsonSchema):
 
     def generate(self, schema: CoreSchema, mode: JsonSchemaMode = "validation") -> Any:
         out = super().generate(schema, mode=mode)
-        return {"$schema": DRAFT_07, "$id": SCHEMA_ID, **out}
+        return {"$schema": DRAFT_07, **out}
 
 
 def policy_schema() -> dict[str, Any]:
