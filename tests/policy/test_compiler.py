@@ -17,9 +17,9 @@ from kmodd.policy.compiler import (
     render_enforcement,
     render_snapshot,
 )
-from kmodd.policy.engine import CompiledPolicy, compile_policy, decide
+from kmodd.policy.engine import CompiledPolicy, Request, compile_policy, decide
 from kmodd.policy.loader import load_policy_files
-from kmodd.policy.types import Mode, Verdict
+from kmodd.policy.types import Mode, Source, Verdict
 from tests.kerneltree import KernelTree
 
 BASELINE = Path(__file__).resolve().parents[2] / "policies/10-baseline.yaml"
@@ -158,3 +158,19 @@ def test_exact_request_aliases(ctx: KmodContext) -> None:
 def test_unsafe_modprobe_path_is_refused(ctx: KmodContext, baseline: CompiledPolicy) -> None:
     with pytest.raises(ValueError, match="absolute"):
         render_snapshot(baseline, ctx, decide, 1, "modprobe\nmode permissive")
+
+
+def test_rendered_denials_agree_with_live_decisions(ctx: KmodContext, tmp_path: Path) -> None:
+    """Whatever the enforcement file blocks, decide() denies for every source: kmod can
+    never refuse a load the live policy allowed (baseline + the example site policy)."""
+    example = tmp_path / "05-site.yaml"
+    example.write_text((BASELINE.parent / "example-site.yaml.example").read_text())
+    policy = compile_policy(load_policy_files([example, BASELINE]), mode=Mode.ENFORCE)
+    denied = [m for m in ctx.module_names() if (module_verdict(policy, m) or (None,))[0] == "deny"]
+    assert "algif_aead" in denied
+    assert "udf" not in denied  # allowed by the site policy
+    assert "thunderbolt" not in denied  # allowed for udev only: not renderable
+    for module in denied:
+        for source in Source:
+            decision = decide(Request(module, source), ctx.resolve(module), policy)
+            assert decision.verdict is Verdict.DENY, (module, source)
