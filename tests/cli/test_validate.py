@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kmodd.cli.main import main
 
@@ -101,3 +106,16 @@ def test_directories_and_missing_paths(tmp_path: Path, capsys: pytest.CaptureFix
 def test_empty_root_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--root", str(tmp_path), "validate"]) == 0
     assert "no policy files found" in capsys.readouterr().out
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_validate_never_crashes(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzz.yaml"
+        path.write_bytes(b"kmodd: 1\n" + data)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["validate", str(path)])
+    assert code in (0, 1)
+    assert "internal error" not in err.getvalue()
