@@ -129,6 +129,7 @@ class UdevSource:
         self._receive_buffer = receive_buffer
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake_fds: tuple[int, ...] = (self._wake_r, self._wake_w)
         self._thread = threading.Thread(target=self._run, name="kmodd-udev", daemon=True)
         self._monitor: Any = None
         self._events = self._skipped = self._lost = 0
@@ -150,19 +151,27 @@ class UdevSource:
 
     def stop(self) -> None:
         self._stop.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        if self._wake_fds:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
         if self._thread.is_alive():
             self._thread.join()
         self._monitor = None
-        for fd in (self._wake_r, self._wake_w):
+        # Once only: a second close could hit an fd number someone else reopened since.
+        fds, self._wake_fds = self._wake_fds, ()
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
     def coldplug(self) -> list[UdevDevice]:
         """Present devices with a MODALIAS, read from sysfs (udevd not needed)."""
         found: list[UdevDevice] = []
-        for device in self._context_factory().list_devices(MODALIAS="*"):
+        try:
+            devices = list(self._context_factory().list_devices(MODALIAS="*"))
+        except Exception:  # sysfs unreadable: nothing to coldplug, and say so in counters
+            self._skipped += 1
+            return found
+        for device in devices:
             try:
                 item = device_from_properties(None, device.properties, coldplug=True)
             except Exception:  # a hostile or vanished device is skipped, never fatal
@@ -188,8 +197,8 @@ class UdevSource:
             try:
                 self._pump(self._monitor)
                 return  # stop requested
-            except MonitorError as err:
-                reason = str(err)
+            except Exception as err:  # whatever breaks the monitor must not end the thread
+                reason = str(err) or type(err).__name__
             # Drop the broken monitor before opening the next: the socket closes with it.
             self._monitor = None
             if time.monotonic() - started > STABLE_S:

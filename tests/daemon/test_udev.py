@@ -163,6 +163,23 @@ def test_unreadable_devices_are_counted_not_fatal() -> None:
     assert source.counters.skipped == 1
 
 
+class UnreadableSysfs:
+    def list_devices(self, **_: str) -> list[object]:
+        raise OSError(5, "Input/output error")
+
+
+def test_unreadable_sysfs_coldplugs_nothing() -> None:
+    source = UdevSource(lambda _: None, context_factory=UnreadableSysfs, source="kernel")
+    assert source.coldplug() == []
+    assert source.counters.skipped == 1
+
+
+def test_stop_twice_and_stop_without_start_are_harmless() -> None:
+    source = UdevSource(lambda _: None, source="kernel")
+    source.stop()
+    source.stop()
+
+
 # -- pure parts ---------------------------------------------------------------------------
 
 
