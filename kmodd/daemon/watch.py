@@ -197,6 +197,7 @@ class Watcher:
         self._structural = False
         self._first = self._last = 0.0
         self._stopping = False
+        self.errors = 0  # failed flush/reconcile rounds (shown in status; retried)
         self._fingerprint: Fingerprint = frozenset()
         self._worker = threading.Thread(target=self._run, name="kmodd-watch", daemon=True)
         self._handler = _Handler(self)
@@ -249,11 +250,14 @@ class Watcher:
                 batch = self._wait_for_batch(next_reconcile)
                 if self._stopping:
                     return
-            if batch is None:
-                self._reconcile()
-                next_reconcile = time.monotonic() + self._reconcile_s
-            else:
-                self._flush(batch)
+            try:
+                if batch is None:
+                    next_reconcile = time.monotonic() + self._reconcile_s
+                    self._reconcile()
+                else:
+                    self._flush(batch)
+            except Exception:  # e.g. inotify watch limit; never end the thread: retry later
+                self.errors += 1
 
     def _wait_for_batch(self, next_reconcile: float) -> set[str] | None:
         """Under the lock: the debounced batch, or None when a reconcile is due."""

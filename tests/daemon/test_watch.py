@@ -245,6 +245,41 @@ def test_periodic_reconcile_catches_lost_events(paths: Paths, inbox: Inbox) -> N
         w.stop()
 
 
+class FailingOnce:
+    """A post that fails the first time (a core queue gone wrong, say)."""
+
+    def __init__(self, inbox: Inbox) -> None:
+        self.inbox = inbox
+        self.calls = 0
+
+    def __call__(self, event: Event) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("boom")
+        self.inbox.post(event)
+
+
+def test_worker_survives_a_failing_round(paths: Paths, inbox: Inbox) -> None:
+    w = Watcher(paths, FailingOnce(inbox))
+    w.start()
+    try:
+        (paths.root / "etc/modprobe.d/a.conf").write_text("\n")
+        # The first round's post raised; a later write is still delivered.
+        b = paths.root / "etc/modprobe.d/b.conf"
+        event: Event | None = None
+        for _ in range(int(DEADLINE_S)):  # rewrite until a round gets through, bounded
+            b.write_text("\n")
+            try:
+                event = inbox.events.get(timeout=1)
+                break
+            except queue.Empty:
+                continue
+        assert isinstance(event, FilesChanged)
+        assert w.errors == 1
+    finally:
+        w.stop()
+
+
 def test_stop_is_prompt_and_final(paths: Paths, inbox: Inbox) -> None:
     w = Watcher(paths, inbox.post)
     w.start()
