@@ -21,3 +21,11 @@ def test_schema_is_draft_07_with_descriptions(capsys: pytest.CaptureFixture[str]
     assert "class" in match["properties"]
     assert "'-' and '_' are equal" in match["properties"]["module"]["description"]
     assert schema["$defs"]["Rule"]["properties"]["action"]["$ref"] == "#/$defs/Action"
+
+
+def test_every_field_is_described(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    for node in (schema, schema["$defs"]["Rule"], schema["$defs"]["Match"]):
+        for key, prop in node["properties"].items():
+            assert prop.get("description"), key
