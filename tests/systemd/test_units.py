@@ -61,6 +61,19 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert verify(*rendered_units(tmp_path)) == (0, "")
 
 
+def test_security_exposure_stays_low(tmp_path: Path) -> None:
+    # systemd-analyze's 0-10 exposure score (x10 for --threshold): 2.2 today.  A dropped
+    # hardening line raises it; the test then fails rather than the unit quietly weakening.
+    service = rendered_units(tmp_path)[0]
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=25", str(service)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-400:]
+
+
 def test_verify_would_catch_a_broken_unit(tmp_path: Path) -> None:
     # The check above can fail: a missing binary and an unknown key are both reported.
     service = rendered_units(tmp_path)[0]
