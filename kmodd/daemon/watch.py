@@ -65,16 +65,27 @@ class Target:
 
     path: Path
     patterns: tuple[str, ...]
+    exclude: frozenset[str] = frozenset()  # names we write ourselves
 
     def wants(self, name: str) -> bool:
-        if name.startswith(".") or any(fnmatch.fnmatchcase(name, p) for p in IGNORED):
+        if name.startswith(".") or name in self.exclude:
+            return False
+        if any(fnmatch.fnmatchcase(name, p) for p in IGNORED):
             return False
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
 
 
 def targets_for(paths: Paths) -> tuple[Target, ...]:
-    """modprobe.d dirs (*.conf), policy dirs (*.yaml), the module dir (modules.*)."""
-    found = [Target(d, ("*.conf",)) for d in paths.modprobe_d_dirs]
+    """modprobe.d dirs (*.conf), policy dirs (*.yaml), the module dir (modules.*).
+
+    The daemon's own enforcement file is excluded: every generation rewrites it, and
+    watching it would turn each reload into a second one.
+    """
+    ours = paths.enforcement_file
+    found = [
+        Target(d, ("*.conf",), frozenset({ours.name}) if d == ours.parent else frozenset())
+        for d in paths.modprobe_d_dirs
+    ]
     found += [Target(d, ("*.yaml",)) for d in paths.policy_dirs]
     found.append(Target(paths.module_dir, ("modules.*",)))
     return tuple(found)
@@ -87,7 +98,7 @@ def resolved(targets: Iterable[Target]) -> tuple[Target, ...]:
     silently end the other."""
     out: list[Target] = []
     for target in targets:
-        real = Target(target.path.resolve(), target.patterns)
+        real = Target(target.path.resolve(), target.patterns, target.exclude)
         if real not in out:
             out.append(real)
     return tuple(out)

@@ -109,6 +109,18 @@ def test_ignored_names_post_nothing(paths: Paths, inbox: Inbox, watcher: Watcher
     assert inbox.next().paths == (str(sentinel),)
 
 
+def test_own_enforcement_file_is_not_a_change(paths: Paths, inbox: Inbox, watcher: Watcher) -> None:
+    ours = paths.enforcement_file
+    ours.parent.mkdir(parents=True)
+    inbox.next()  # ROOT/run/modprobe.d appeared: structural
+    tmp = ours.with_name(f".{ours.name}.tmp1")  # how the daemon writes it: temp + rename
+    tmp.write_text("install dccp /bin/false\n")
+    tmp.replace(ours)
+    other = ours.with_name("50-admin.conf")
+    other.write_text("\n")
+    assert inbox.next().paths == (str(other),)
+
+
 def test_burst_of_200_is_one_event(paths: Paths, inbox: Inbox) -> None:
     # A wide window so the 200 writes (a few ms here) surely fall in one burst.
     w = Watcher(paths, inbox.post, debounce_s=0.5)
@@ -294,6 +306,8 @@ def test_stop_is_prompt_and_final(paths: Paths, inbox: Inbox) -> None:
 
 def test_targets_cover_all_dirs(paths: Paths) -> None:
     targets = {t.path: t.patterns for t in targets_for(paths)}
+    excluded = {t.path: t.exclude for t in targets_for(paths) if t.exclude}
+    assert excluded == {paths.enforcement_file.parent: {paths.enforcement_file.name}}
     for d in paths.modprobe_d_dirs:
         assert targets[d] == ("*.conf",)
     for d in paths.policy_dirs:
