@@ -134,6 +134,15 @@ class ModprobePath:
         _check_helper(self.helper_path)
         current = self.read()
         ours = str(self.helper_path)
+        if not current.strip():
+            # An empty modprobe_path is the admin switching autoload off altogether; the
+            # helper would switch it back on (with a policy, but still on).
+            raise ModprobePathError(
+                "kernel.modprobe is empty: kernel module autoload is disabled, kmodd leaves "
+                "it so (the rendered modprobe.d file still applies)",
+                hint="to autoload through the kmodd helper, set kernel.modprobe to "
+                f"{helper.DEFAULT_MODPROBE} and restart kmodd",
+            )
         if current != ours:
             self.previous_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             _write_atomic(self.previous_file, current + "\n")

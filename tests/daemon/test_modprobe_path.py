@@ -78,6 +78,15 @@ def test_restore_leaves_a_foreign_value_alone(tmp_path: Path, helper_bin: Path, 
     assert proc.read_text() == "/tmp/evil\n"
 
 
+def test_autoload_switched_off_stays_off(tmp_path: Path, helper_bin: Path, proc: Path) -> None:
+    proc.write_text("\n")  # sysctl kernel.modprobe="": no autoload at all
+    mp = ModprobePath(helper_bin, tmp_path / "run", proc_path=proc)
+    with pytest.raises(ModprobePathError, match="autoload is disabled"):
+        mp.install()
+    assert proc.read_text() == "\n"
+    assert mp.check().kind is TamperKind.CHANGED
+
+
 def test_missing_sysctl_is_unavailable_not_an_exception(tmp_path: Path, helper_bin: Path) -> None:
     mp = ModprobePath(helper_bin, tmp_path / "run", proc_path=tmp_path / "absent")
     assert mp.check().kind is TamperKind.UNAVAILABLE
