@@ -20,7 +20,9 @@ A small reader of the modprobe.d dirs that follows kmod 30's rules exactly
   alias the module was found through, and accumulate; blacklist is by exact name.
 
 The kernel command line (`MOD.PARAM=` options, `modprobe.blacklist=`) is applied by
-libkmod after all files; it has no file:line and is not reported here.
+libkmod after all files; given one (`kernel_cmdline=`, `from_paths` reads the host's
+/proc/cmdline, which is what libkmod reads even under --root), its entries follow the
+file lines as `/proc/cmdline:1` (kmodd.kmod.kcmdline).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmodd.kmod.kcmdline import cmdline_lines, read_host_cmdline
 from kmodd.kmod.libkmod import fnmatch
 from kmodd.kmod.model import ConfigLine
+from kmodd.kmod.names import underscores
 from kmodd.paths import Paths
 
 DIRECTIVES = ("alias", "blacklist", "options", "install", "remove", "softdep")
@@ -51,26 +55,6 @@ class BadLine:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.message}"
-
-
-def underscores(text: str) -> str | None:
-    """kmod's underscores(): '-' -> '_' outside brackets; None when brackets are broken."""
-    out = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "]":
-            return None
-        if ch == "[":
-            end = text.find("]", i)
-            if end < 0:
-                return None
-            out.append(text[i : end + 1])
-            i = end + 1
-            continue
-        out.append("_" if ch == "-" else ch)
-        i += 1
-    return "".join(out)
 
 
 def config_files(
@@ -193,7 +177,11 @@ class Provenance:
     """Every modprobe.d line in kmod's parse order, with file:line, and kmod's matching."""
 
     def __init__(
-        self, config_paths: Sequence[str | Path], module_dir: str | Path | None = None
+        self,
+        config_paths: Sequence[str | Path],
+        module_dir: str | Path | None = None,
+        *,
+        kernel_cmdline: str | None = None,
     ) -> None:
         self.files = config_files(config_paths, module_dir)
         lines: list[ConfigLine] = []
@@ -202,12 +190,17 @@ class Provenance:
             file_lines, file_bad = read_file(path)
             lines.extend(file_lines)
             bad.extend(file_bad)
+        if kernel_cmdline is not None:
+            lines.extend(cmdline_lines(kernel_cmdline))
         self.lines: tuple[ConfigLine, ...] = tuple(lines)
         self.bad_lines: tuple[BadLine, ...] = tuple(bad)
 
     @classmethod
-    def from_paths(cls, paths: Paths) -> Provenance:
-        return cls(paths.modprobe_d_dirs, paths.module_dir)
+    def from_paths(cls, paths: Paths, *, kernel_cmdline: bool = True) -> Provenance:
+        """The root's modprobe.d dirs and modules.softdep, plus (by default) the host's
+        /proc/cmdline, exactly the inputs libkmod combines for that root."""
+        cmdline = read_host_cmdline() if kernel_cmdline else None
+        return cls(paths.modprobe_d_dirs, paths.module_dir, kernel_cmdline=cmdline)
 
     def of(self, directive: str) -> tuple[ConfigLine, ...]:
         return tuple(line for line in self.lines if line.directive == directive)

@@ -9,7 +9,8 @@ import pytest
 
 from kmodd.kmod import provenance
 from kmodd.kmod.model import ConfigLine
-from kmodd.kmod.provenance import BadLine, Provenance, logical_lines, parse_line, underscores
+from kmodd.kmod.names import underscores
+from kmodd.kmod.provenance import BadLine, Provenance, logical_lines, parse_line
 from tests.kmod.conftest import write_conf
 
 

@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 
 from kmodd.kmod.context import KmodContext
+from kmodd.kmod.kcmdline import cmdline_lines
+from kmodd.kmod.model import ConfigLine
 from tests.oracle.modprobe import Oracle, render_d, render_r, separator_file
+
+
+def _render(line: ConfigLine) -> str:
+    if line.directive == "blacklist":
+        return f"blacklist {line.target}"
+    return f"options {line.target} {line.value}"
 
 
 def main(argv: list[str]) -> int:
@@ -32,7 +40,13 @@ def main(argv: list[str]) -> int:
                 diffs.append([name, render_d(res), their_d[name]])
             samples[name] = list(render_d(res))
     agree = len(names) - len(diffs)
-    print(json.dumps({"agree": agree, "total": len(names), "diffs": diffs, "samples": samples}))
+    show = ["modprobe", "-c", "-d", root, "-S", release, "-C", config[0]]
+    shown = subprocess.run(show, capture_output=True, text=True, check=True).stdout
+    config_lines = shown.split("# End of configuration files")[0].split("\n")
+    ours = [_render(ln) for ln in cmdline_lines(Path("/proc/cmdline").read_text())]
+    report = {"agree": agree, "total": len(names), "diffs": diffs, "samples": samples}
+    report |= {"show_config": [ln for ln in config_lines if ln], "cmdline_lines": ours}
+    print(json.dumps(report))
     return 0
 
 
