@@ -221,7 +221,9 @@ def _write(path: Path, spec: FileSpec) -> None:
     tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, spec.content)
+        view = memoryview(spec.content)
+        while view:  # os.write may write less than asked
+            view = view[os.write(fd, view) :]
         if _as_root():
             os.fchown(fd, 0, 0)
         os.fchmod(fd, spec.mode)
