@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from kmodd.kmod import libkmod
@@ -90,4 +91,25 @@ def modalias_names(module_dir: Path) -> list[str]:
     for index, (pattern, _) in enumerate(alias_lines(module_dir)):
         if not is_request_shaped(pattern):
             names[instantiate(pattern, index)] = None
+    return list(names)
+
+
+FUZZ_ALPHABET = "abcdefxyz0123456789-_[]!*?:.^\\ "
+
+
+def fuzz_names(module_dir: Path, count: int, seed: int = 20261126) -> list[str]:
+    """Deterministic hostile names: random strings over kmod's special characters, and
+    real aliases mutated by one character (near misses, '-'/'_' swaps, brackets)."""
+    rng = random.Random(seed)  # noqa: S311 - reproducible test data, not secrets
+    reals = [instantiate(p, i) for i, (p, _) in enumerate(alias_lines(module_dir))]
+    names: dict[str, None] = {}
+    while len(names) < count:
+        if rng.random() < 0.5:
+            name = "".join(rng.choice(FUZZ_ALPHABET) for _ in range(rng.randint(1, 60)))
+        else:
+            base = list(rng.choice(reals))
+            pos = rng.randrange(len(base))
+            base[pos] = rng.choice(FUZZ_ALPHABET + base[pos].swapcase())
+            name = "".join(base)
+        names[name] = None
     return list(names)

@@ -18,7 +18,7 @@ from kmodd.kmod.context import KmodContext, config_dirs
 from kmodd.kmod.model import Resolution
 from tests.kerneltree import KernelTree
 from tests.oracle.modprobe import Oracle, render_d, render_r, separator_file
-from tests.oracle.names import modalias_names, request_names
+from tests.oracle.names import fuzz_names, modalias_names, request_names
 
 pytestmark = pytest.mark.oracle
 
@@ -210,3 +210,9 @@ def test_corpus_config(corpus: Side, kernel_tree: KernelTree) -> None:
 def test_debian_shipped_config(debian: Side, kernel_tree: KernelTree) -> None:
     names = [*debian.ctx.module_names(), *request_names(kernel_tree.module_dir)]
     _all(debian, list(dict.fromkeys(names)), "debian modprobe.d")
+
+
+def test_fuzzed_names(bare: Side, corpus: Side, kernel_tree: KernelTree) -> None:
+    names = fuzz_names(kernel_tree.module_dir, 2000)
+    _all(bare, names, "fuzzed names")
+    _all(corpus, names, "fuzzed names, corpus modprobe.d")
