@@ -33,8 +33,15 @@ from kmodd.daemon.events import (
     UdevDevice,
     UdevLost,
 )
-from kmodd.daemon.generation import BuildOptions, Generation, build_generation, error_lines, publish
-from kmodd.daemon.journal import JournalSink, Priority
+from kmodd.daemon.generation import (
+    DECISION_CACHE_MAX,
+    BuildOptions,
+    Generation,
+    build_generation,
+    error_lines,
+    publish,
+)
+from kmodd.daemon.journal import JournalSink, Priority, Record
 from kmodd.daemon.server import Kind, Peer, Server
 from kmodd.paths import Paths
 from kmodd.policy.engine import Decision
@@ -95,14 +102,30 @@ class Stats:
     no_generation: int = 0  # decide requests answered "error" (the helper fell back)
 
     def count(self, d: Decision) -> None:
-        key = (
-            d.verdict.value
-            if d.verdict is Verdict.ALLOW or d.mode is Mode.ENFORCE
-            else "would_deny"
-        )
-        self.verdicts[key] += 1
-        self.rules[d.rule] += 1
-        self.sources[d.source.value] += 1
+        self.count_keys(verdict_key(d), d.rule, d.source.value)
+
+    def count_keys(self, verdict: str, rule: str, source: str) -> None:
+        self.verdicts[verdict] += 1
+        self.rules[rule] += 1
+        self.sources[source] += 1
+
+
+def verdict_key(d: Decision) -> str:
+    """allow, deny, or would_deny (a deny in permissive mode)."""
+    if d.verdict is Verdict.ALLOW or d.mode is Mode.ENFORCE:
+        return d.verdict.value
+    return "would_deny"
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """Everything decide.sock needs for one name in one generation, computed once: the
+    reply line, the journal record (identical for every repeat) and the counter keys."""
+
+    reply: bytes
+    record: Record
+    verdict: str
+    rule: str
 
 
 @dataclass
@@ -139,6 +162,10 @@ class Core:
         self._next: list[Reply | None] = []  # requests that arrived during the build
         self._next_cause: str | None = None
         self._server: Server | None = None
+        # decide.sock answers of the current generation (see _Answer), bounded like the
+        # generation's decision cache; replaced wholesale when the generation changes.
+        self._answers: dict[bytes, _Answer] = {}
+        self._answers_gen: Generation | None = None
 
     # --- posting (any thread) ------------------------------------------------------
 
@@ -309,11 +336,28 @@ class Core:
                 )
             )
             return b"error no policy generation\n"
+        answer = self._answers.get(name)
+        if answer is None or self._answers_gen is not gen:
+            answer = self._answer(gen, name)
+        self.stats.count_keys(answer.verdict, answer.rule, "kernel")
+        self.sink.emit(answer.record)
+        return answer.reply
+
+    def _answer(self, gen: Generation, name: bytes) -> _Answer:
+        if self._answers_gen is not gen:
+            self._answers, self._answers_gen = {}, gen
         d = gen.decide(name.decode("ascii"), Source.KERNEL)
-        self.stats.count(d)
-        self.sink.emit(records.decision(d, gen.number))
         verdict = b"allow " if d.effective is Verdict.ALLOW else b"deny "
-        return verdict + _token(d.rule) + b"\n"
+        answer = _Answer(
+            verdict + _token(d.rule) + b"\n",
+            records.decision(d, gen.number),
+            verdict_key(d),
+            d.rule,
+        )
+        if len(self._answers) >= DECISION_CACHE_MAX:
+            del self._answers[next(iter(self._answers))]
+        self._answers[name] = answer
+        return answer
 
     def decide(
         self, name: str, source: Source, *, log: bool, device: UdevDevice | None = None

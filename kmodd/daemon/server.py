@@ -59,10 +59,14 @@ class Peer:
         return gid is not None and (self.gid == gid or gid in self.groups)
 
 
-def peer_of(sock: socket.socket) -> Peer:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
+_UCRED = struct.Struct("3i")
+
+
+def peer_of(sock: socket.socket, *, groups_too: bool = True) -> Peer:
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     groups: tuple[int, ...] = ()
+    if not groups_too:  # decide.sock only cares about uid 0: one syscall less per decision
+        return Peer(pid, uid, gid)
     with contextlib.suppress(OSError):
         buf = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * PEERGROUPS_MAX)
         groups = struct.unpack(f"{len(buf) // 4}I", buf[: len(buf) // 4 * 4])
@@ -239,7 +243,7 @@ class Server:
             self.overflows += 1
             sock.close()
             return
-        peer = peer_of(sock)
+        peer = peer_of(sock, groups_too=kind is Kind.CONTROL)
         if kind is Kind.DECIDE and peer.uid != 0:
             self._handler.refused(kind, peer, "decide.sock needs uid 0")
             sock.close()
@@ -254,6 +258,10 @@ class Server:
             conn.framer = wire.Framer()
         self._conns.add(conn)
         self._sel.register(sock, selectors.EVENT_READ, conn)
+        if kind is Kind.DECIDE:
+            # The helper sends its line right after connect(): usually it is already
+            # here, and answering now saves a trip through the selector.
+            self._read(conn)
 
     def _may_read(self, peer: Peer) -> bool:
         return peer.uid == 0 or peer.in_group(self._status_gid)
