@@ -191,6 +191,7 @@ class Watcher:
         debounce_s: float = 0.15,
         *,
         reconcile_s: float = RECONCILE_S,
+        max_delay_s: float = MAX_DELAY_S,
         observer_factory: Any = Observer,
     ) -> None:
         self.targets = targets_for(paths)
@@ -201,6 +202,7 @@ class Watcher:
         self._post = post
         self._debounce_s = debounce_s
         self._reconcile_s = reconcile_s
+        self._max_delay_s = max_delay_s
         self._observer = observer_factory()
         self._watches: dict[Path, tuple[Any, tuple[int, int]]] = {}
         self._cond = threading.Condition()
@@ -278,7 +280,7 @@ class Watcher:
                 return None
             self._cond.wait(remaining)
         while not self._stopping:
-            due = min(self._last + self._debounce_s, self._first + MAX_DELAY_S)
+            due = min(self._last + self._debounce_s, self._first + self._max_delay_s)
             remaining = due - time.monotonic()
             if remaining <= 0:
                 break
