@@ -166,6 +166,7 @@ class Core:
         # generation's decision cache; replaced wholesale when the generation changes.
         self._answers: dict[bytes, _Answer] = {}
         self._answers_gen: Generation | None = None
+        self._last_status = ""
 
     # --- posting (any thread) ------------------------------------------------------
 
@@ -408,7 +409,10 @@ class Core:
                     mp.install()
                     state = mp.check()
             self.tamper = state
-        self.edges.notifier.status(self.status_line())
+        line = self.status_line()
+        if line != self._last_status:  # the manager's queue is finite: no repeats
+            self._last_status = line
+            self.edges.notifier.status(line)
 
     def status_line(self) -> str:
         gen = self.generation

@@ -24,7 +24,7 @@ from kmodd.daemon.core import Core, Edges
 from kmodd.daemon.events import ReloadCause, ReloadRequested, Stop
 from kmodd.daemon.generation import BuildOptions
 from kmodd.daemon.journal import JournalSink, Priority, default_sender, stream_sender
-from kmodd.daemon.modprobe_path import ModprobePath, static_usermodehelper
+from kmodd.daemon.modprobe_path import PROC_MODPROBE, ModprobePath, static_usermodehelper
 from kmodd.daemon.notify import Notifier
 from kmodd.daemon.server import Kind, Server, activated_sockets, bind_unix, prepare_runtime_dir
 from kmodd.errors import KmoddError
@@ -71,6 +71,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--no-modprobe-path",
         action="store_true",
         help="leave kernel.modprobe alone (implied when --root is not /)",
+    )
+    p.add_argument(
+        "--modprobe-sysctl",
+        metavar="FILE",
+        help=f"manage this file as kernel.modprobe (default: {PROC_MODPROBE}; tests)",
     )
     p.add_argument(
         "--reassert",
@@ -122,9 +127,12 @@ def _modprobe_path(args: argparse.Namespace, paths: Paths, core: Core) -> None:
     if warning is not None:
         core.notes.append(warning)
         core.sink.emit(records.notice(warning, Priority.WARNING))
-    if args.no_modprobe_path or paths.root != Path("/"):
+    # With --root the sysctl is only touched when named explicitly (tests, images).
+    explicit = args.modprobe_sysctl is not None
+    if args.no_modprobe_path or (paths.root != Path("/") and not explicit):
         return
-    mp = ModprobePath(Path(args.helper_path), paths.runtime_dir)
+    sysctl = Path(args.modprobe_sysctl) if explicit else PROC_MODPROBE
+    mp = ModprobePath(Path(args.helper_path), paths.runtime_dir, proc_path=sysctl)
     if not mp.available:
         note = "kernel.modprobe does not exist (kernel without module support): not managed"
         core.notes.append(note)

@@ -92,6 +92,7 @@ class Daemon:
     extra: Sequence[str] = ()
     wrap: Callable[[list[str]], list[str]] | None = None
     udev: bool = False  # listen to this machine's uevents (tests of the udev path)
+    env: dict[str, str] = field(default_factory=dict)  # e.g. NOTIFY_SOCKET, WATCHDOG_USEC
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -123,6 +124,7 @@ class Daemon:
 
     def start(self) -> Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_"))}
+        env.update(self.env)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, cwd=REPO, env=env)
         deadline = time.monotonic() + START_TIMEOUT_S
