@@ -141,23 +141,31 @@ def load_document(text: str, path: str) -> tuple[Document | None, list[Issue]]:
     loader = StrictLoader(text)
     try:
         node = loader.get_single_node()
-        if node is None:
-            return Document(None), []
         doc = Document(None)
-        doc.data = _Builder(loader, doc).build(node, ())
-    except yaml.MarkedYAMLError as err:
+        if node is not None:
+            doc.data = _Builder(loader, doc).build(node, ())
+    except (yaml.YAMLError, YamlProblem, RecursionError) as err:
+        return None, [_error_issue(err, text, path)]
+    finally:
+        loader.dispose()
+    return doc, []
+
+
+def _error_issue(err: Exception, text: str, path: str) -> Issue:
+    if isinstance(err, YamlProblem):
+        return Issue(path, err.mark.line, err.mark.column, err.message, err.hint)
+    if isinstance(err, yaml.MarkedYAMLError):
         mark = err.problem_mark or err.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
         problem = err.problem or err.context or "invalid YAML"
         tabs = "tab" in problem or ("\t" in text and "token" in problem)
         hint = "indent with spaces, not tabs" if tabs else None
-        return None, [Issue(path, line, col, f"YAML syntax: {problem}", hint)]
-    except yaml.YAMLError as err:
-        return None, [Issue(path, 0, 0, f"YAML: {err}")]
-    except YamlProblem as err:
-        return None, [Issue(path, err.mark.line, err.mark.column, err.message, err.hint)]
-    except RecursionError:
-        return None, [Issue(path, 0, 0, "YAML nesting too deep")]
-    finally:
-        loader.dispose()
-    return doc, []
+        return Issue(path, line, col, f"YAML syntax: {problem}", hint)
+    if isinstance(err, yaml.reader.ReaderError):  # no mark, only a character offset
+        line = text.count("\n", 0, err.position) + 1
+        col = err.position - text.rfind("\n", 0, err.position)
+        code = err.character if isinstance(err.character, int) else ord(err.character)
+        return Issue(path, line, col, f"YAML: unacceptable character #x{code:04x}: {err.reason}")
+    if isinstance(err, RecursionError):
+        return Issue(path, 0, 0, "YAML nesting too deep")
+    return Issue(path, 0, 0, f"YAML: {err}")
