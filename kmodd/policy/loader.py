@@ -148,7 +148,9 @@ def parse_policy(data: bytes, path: str) -> tuple[PolicyFile | None, Document | 
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        return None, None, [Issue(path, line, 0, "not valid UTF-8", "policy files are UTF-8")]
+        column = err.start - data.rfind(b"\n", 0, err.start)  # 1-based, in bytes
+        message = f"not valid UTF-8 (byte 0x{data[err.start]:02x})"
+        return None, None, [Issue(path, line, column, message, "policy files are UTF-8")]
     if "\0" in text:
         return None, None, [Issue(path, 0, 0, "file contains NUL bytes")]
     doc, issues = load_document(text, path)
