@@ -18,6 +18,7 @@ from kmodd import helper
 from kmodd.daemon.atomic import write_atomic
 from kmodd.errors import InvalidInputError, KmoddError
 from kmodd.kmod.context import KmodContext, config_dirs
+from kmodd.kmod.provenance import Provenance
 from kmodd.paths import ENFORCEMENT_FILE, Paths
 from kmodd.policy import compiler, engine
 from kmodd.policy.loader import load_policy
@@ -166,20 +167,20 @@ def publish(gen: Generation) -> Generation:
 
 
 def find_conflicts(paths: Paths, denials: dict[str, str]) -> list[Conflict]:
+    """modprobe.d lines that bypass or reshape a rendered deny, located FILE:LINE by
+    kmodd.kmod.provenance (kmod's own parse and first-match rules)."""
     if not denials:
         return []
+    prov = Provenance.from_paths(paths, kernel_cmdline=False)
+    ours = str(paths.enforcement_file)
     conflicts = []
-    with KmodContext.from_paths(paths) as ctx:
-        for module, ours in sorted(denials.items()):
-            try:
-                effective = ctx.module_info(module).install_commands
-            except KmoddError:
-                continue
-            if effective is not None and effective.strip() != ours.strip():
-                detail = f"modprobe runs `{effective.strip()}` instead of kmodd's deny stub"
-                conflicts.append(Conflict("install", module, detail))
-        for pattern, target in ctx.config_aliases():
-            if helper.normalize(target) in denials:
-                detail = f"modprobe.d alias {pattern} -> {target} (a denied module)"
-                conflicts.append(Conflict("alias", helper.normalize(target), detail))
+    for module in sorted(denials):
+        line = prov.install_line(module)
+        if line is not None and line.path != ours:
+            detail = f"{line.location()}: `{line.text}` is what kmod runs, not kmodd's deny stub"
+            conflicts.append(Conflict("install", module, detail))
+        for alias in prov.aliases_onto(module):
+            if alias.path != ours:
+                detail = f"{alias.location()}: `{alias.text}` maps {alias.target} onto it"
+                conflicts.append(Conflict("alias", module, detail))
     return conflicts

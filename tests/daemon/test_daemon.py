@@ -416,7 +416,11 @@ def test_conflicting_install_line_is_reported(own: tuple[SystemRoot, Daemon]) ->
     kinds = {(c["kind"], c["module"]) for c in conflicts}
     assert ("install", "algif_aead") in kinds
     assert ("alias", "algif_aead") in kinds
-    assert "/bin/true" in next(c["detail"] for c in conflicts if c["kind"] == "install")
+    install = next(c["detail"] for c in conflicts if c["kind"] == "install")
+    assert install.startswith(f"{sr.root}/etc/modprobe.d/00-aaa.conf:1: ")
+    assert "install algif_aead /bin/true" in install
+    alias = next(c["detail"] for c in conflicts if c["kind"] == "alias")
+    assert alias.startswith(f"{sr.root}/etc/modprobe.d/50-alias.conf:1: ")
 
 
 def test_runtime_dir_symlink_is_refused(kernel_tree: KernelTree, tmp_path: Path) -> None:
