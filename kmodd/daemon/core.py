@@ -47,6 +47,7 @@ from kmodd.paths import Paths
 from kmodd.policy.engine import Decision
 from kmodd.policy.types import Mode, Source, Verdict
 
+DEVICES_MAX = 8192  # devices remembered for status (a server has a few hundred)
 TICK_S = 5.0  # tamper check and STATUS= refresh; the watchdog may ask for a shorter one
 Reply = Callable[[str | None], None]
 
@@ -375,6 +376,8 @@ class Core:
     def _udev(self, device: UdevDevice) -> None:
         if not device.modalias:
             return
+        if device.devpath not in self.devices and len(self.devices) >= DEVICES_MAX:
+            del self.devices[next(iter(self.devices))]  # hotplug churn must not grow us
         self.devices[device.devpath] = device
         gen = self.generation
         if gen is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import helper
+from kmodd import helper, wire
 from kmodd.daemon.journal import JournalSink, MessageId, Priority, Record, stream_sender
 from tests import journald
 from tests.conftest import root_required
@@ -232,4 +232,44 @@ def test_real_uevent_is_decided_and_logged_with_source_udev(
     finally:
         if daemon.proc is not None:
             daemon.stop()
+        shutil.rmtree(sr.root.parent, ignore_errors=True)
+
+
+@root_required
+def test_reload_failure_conflict_and_tamper_records(
+    jd: journald.Journald, kernel_tree: KernelTree
+) -> None:
+    sr = make_root(kernel_tree)
+    (sr.root / "etc/modprobe.d/00-aaa.conf").write_text("install algif_aead /bin/true\n")
+    sysctl = sr.root.parent / "kernel.modprobe"
+    sysctl.write_text("/sbin/modprobe\n")
+    helper_path = sr.root.parent / "kmodd-modprobe"
+    shutil.copyfile(Path(helper.__file__), helper_path)
+    helper_path.chmod(0o755)
+    extra = ["--no-watch", "--modprobe-sysctl", str(sysctl), "--helper-path", str(helper_path)]
+    daemon = Daemon(sr, extra=extra, wrap=jd.wrap, env={"WATCHDOG_USEC": "400000"})
+    try:
+        daemon.start()
+        assert daemon.proc is not None
+        pid = f"_PID={daemon.proc.pid}"
+        conflict = jd.wait_for(lambda r: r["MESSAGE_ID"] == MessageId.CONFLICT.value, pid)
+        assert conflict and conflict[0]["KMODD_CONFLICT"] == "install"
+        assert conflict[0]["KMODD_MODULE"] == "algif_aead"
+        assert conflict[0]["PRIORITY"] == "4"
+        sr.write_policy("kmodd: 1\nrules:\n  - id: x\n    action: maybe\n")
+        with pytest.raises(wire.RemoteError):
+            daemon.call(wire.Method.RELOAD)
+        failed = jd.wait_for(lambda r: r["MESSAGE_ID"] == MessageId.RELOAD_FAILED.value, pid)
+        assert failed and failed[0]["PRIORITY"] == "3"
+        assert f"{sr.policy_dir / '10-test.yaml'}:4:13:" in failed[0]["KMODD_ERRORS"]
+        assert failed[0]["KMODD_RELOAD_CAUSE"] == "control"
+        sysctl.write_text("/tmp/evil\n")
+        tamper = jd.wait_for(lambda r: r["MESSAGE_ID"] == MessageId.TAMPER.value, pid)
+        assert tamper and tamper[0]["KMODD_CURRENT"] == "/tmp/evil"
+        assert tamper[0]["KMODD_EXPECTED"] == str(helper_path)
+        daemon.stop()
+        stop = jd.wait_for(lambda r: r["MESSAGE_ID"] == MessageId.STOP.value, pid)
+        assert stop and stop[0]["MESSAGE"].endswith("stopping: SIGTERM")
+    finally:
+        daemon.stop()
         shutil.rmtree(sr.root.parent, ignore_errors=True)
