@@ -95,6 +95,8 @@ def error_lines(err: BaseException) -> list[str]:
         return [str(issue) for issue in err.issues]
     if isinstance(err, KmoddError):
         return [str(err)]
+    if isinstance(err, OSError) and err.filename is not None:
+        return [f"{err.filename}: {err.strerror}"]
     return [f"internal error: {type(err).__name__}: {err}"]
 
 

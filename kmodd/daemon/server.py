@@ -169,7 +169,8 @@ class _Conn:
     outbuf: bytearray = field(default_factory=bytearray)
     framer: wire.Framer | None = None
     busy: bool = False  # a control call is being answered later (reload)
-    closing: bool = False  # close once outbuf is flushed
+    closing: bool = False  # the peer is done (EOF) or we are: close once outbuf is flushed
+    events: int = 0  # what the selector watches for this connection (0: not registered)
     closed: bool = False
 
 
@@ -257,7 +258,7 @@ class Server:
         if kind is Kind.CONTROL:
             conn.framer = wire.Framer()
         self._conns.add(conn)
-        self._sel.register(sock, selectors.EVENT_READ, conn)
+        self._watch(conn, selectors.EVENT_READ)
         if kind is Kind.DECIDE:
             # The helper sends its line right after connect(): usually it is already
             # here, and answering now saves a trip through the selector.
@@ -267,6 +268,8 @@ class Server:
         return peer.uid == 0 or peer.in_group(self._status_gid)
 
     def _service(self, conn: _Conn, events: int) -> None:
+        if conn.closed:  # closed by an earlier handler of the same select() batch
+            return
         if events & selectors.EVENT_WRITE:
             self._flush(conn)
         if events & selectors.EVENT_READ and not conn.closed:
@@ -282,9 +285,11 @@ class Server:
             return
         if not data:
             # EOF: the peer is done sending.  Finish writing what we owe, or close now.
-            if conn.busy or conn.outbuf:
-                conn.closing = True
-                self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+            conn.closing = True
+            if conn.outbuf:
+                self._watch(conn, selectors.EVENT_WRITE)
+            elif conn.busy:
+                self._watch(conn, 0)  # nothing to read or write until the answer comes
             else:
                 self._close(conn)
             return
@@ -356,7 +361,8 @@ class Server:
                 sent = conn.sock.send(conn.outbuf)
                 del conn.outbuf[:sent]
         except (BlockingIOError, InterruptedError):
-            self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            reading = 0 if conn.closing else selectors.EVENT_READ
+            self._watch(conn, reading | selectors.EVENT_WRITE)
             return
         except OSError:
             self._close(conn)
@@ -364,13 +370,25 @@ class Server:
         if conn.closing and not conn.busy:
             self._close(conn)
         else:
-            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+            self._watch(conn, 0 if conn.closing else selectors.EVENT_READ)
+
+    def _watch(self, conn: _Conn, events: int) -> None:
+        if events == conn.events:
+            return
+        if conn.events == 0:
+            self._sel.register(conn.sock, events, conn)
+        elif events == 0:
+            self._sel.unregister(conn.sock)
+        else:
+            self._sel.modify(conn.sock, events, conn)
+        conn.events = events
 
     def _close(self, conn: _Conn) -> None:
         if conn.closed:
             return
         conn.closed = True
         self._conns.discard(conn)
-        with contextlib.suppress(KeyError, ValueError):
+        if conn.events:
             self._sel.unregister(conn.sock)
+            conn.events = 0
         conn.sock.close()

@@ -305,6 +305,17 @@ def test_reload_ok_and_invalid_keeps_generation(own: tuple[SystemRoot, Daemon]) 
     assert ok.returncode == 0, ok.stderr
     assert f"generation {gen + 1}" in ok.stdout
     assert run_helper(sr, "-q", "--", "fs-vfat") == (1, None)
+    # A client may half-close after its call: the answer still comes when the build is done.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(120)
+        s.connect(str(sr.runtime / helper.CONTROL_SOCKET))
+        s.sendall(wire.encode_call(wire.Method.RELOAD))
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    assert wire.decode_reply(reply.rstrip(b"\0"))["generation"] == gen + 2
+    gen += 1
     enforcement = sr.enforcement.read_text()
     sr.write_policy(DENY_VFAT + "  - id: broken\n    action: maybe\n    match: {module: [x]}\n")
     bad = kmodctl(sr, "reload")
