@@ -466,3 +466,27 @@ def test_socket_files_are_removed_on_stop(own: tuple[SystemRoot, Daemon]) -> Non
     daemon.start()
     assert daemon.stop() == 0
     assert sorted(p.name for p in sr.runtime.iterdir()) == ["kmod-mask", "snapshot"]
+
+
+def test_concurrent_reloads_are_coalesced_and_all_answered(own: tuple[SystemRoot, Daemon]) -> None:
+    sr, daemon = own
+    daemon.extra = ["--no-watch"]
+    daemon.start()
+    gen = daemon.generation()
+    assert gen is not None
+    sr.write_policy(DENY_VFAT)
+    replies: list[int] = []
+
+    def reload() -> None:
+        replies.append(int(daemon.call(wire.Method.RELOAD)["generation"]))
+
+    threads = [threading.Thread(target=reload) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(200)
+    assert len(replies) == 6
+    # One build runs, the requests that arrive meanwhile share the next one.
+    assert gen < min(replies) and max(replies) <= gen + 2
+    assert daemon.generation() == max(replies)
+    assert run_helper(sr, "-q", "--", "fs-vfat") == (1, None)
