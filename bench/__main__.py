@@ -63,6 +63,8 @@ def runtime_figures(tree: KernelTree, plan: Plan, mix: list[str]) -> list[Figure
         def make() -> Daemon:
             return Daemon(r, helper_path, helper_bench.TRUE)
 
+        gen = daemon_bench.generation_figures(r, mix, plan.starts)
+        print_figures(gen)
         start, daemon = daemon_bench.startup_figures(make, plan.starts)
         try:
             print_figures(start)
@@ -87,7 +89,7 @@ def runtime_figures(tree: KernelTree, plan: Plan, mix: list[str]) -> list[Figure
             print_figures(cli)
         finally:
             daemon.stop()
-        return start + single + storm + load + reload + cli
+        return gen + start + single + storm + load + reload + cli
 
 
 def run(args: argparse.Namespace, journal: str) -> int:

@@ -3,19 +3,83 @@ and the wall time of the kmodctl verbs that talk to it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.clients import run_load
+from bench.clients import Load, run_load
 from bench.stats import Cmp, Figure, Goal, percentile, summary
-from bench.system import KMODCTL, SITE_POLICY, Daemon, Root
+from bench.system import KMODCTL, KMODD, SITE_POLICY, Daemon, Root
 from kmodd import helper
+from kmodd.daemon.generation import BuildOptions, Generation, build_generation, publish
+from kmodd.paths import make_paths
+from kmodd.policy.types import Source
 
 CLIENTS = 50  # the kernel's cap on concurrent helpers
 RELOAD_POLL_S = 0.005
 RELOAD_TIMEOUT_S = 30.0
+
+
+def generation_figures(r: Root, mix: list[str], runs: int) -> list[Figure]:
+    """What start-up and every reload are made of: build + publish one generation
+    (load, compile, render enforcement, resolve and decide every name for the snapshot),
+    in this process; and decisions/s through Generation.decide, the daemon's own path."""
+    paths = make_paths(str(r.root), r.release, str(r.top / "gen-runtime"))
+    paths.runtime_dir.mkdir(exist_ok=True)
+    options = BuildOptions(modprobe="/bin/true", cmdline=r.top / "cmdline")
+    samples: list[float] = []
+    gen: Generation | None = None
+    for number in range(1, runs + 1):
+        start = time.perf_counter()
+        built = publish(build_generation(number, paths, options))
+        samples.append((time.perf_counter() - start) * 1000)
+        if gen is not None:
+            gen.close()
+        gen = built
+    assert gen is not None
+    try:
+        rates = _generation_rates(gen, mix, max(3, runs))
+    finally:
+        gen.close()
+    return [
+        summary(
+            "generation_build_ms",
+            samples,
+            note="load + compile + render + snapshot + publish, in-process",
+        ),
+        summary(
+            "decisions_per_s_generation",
+            rates,
+            "/s",
+            goal=Goal(Cmp.GE, 10_000),
+            note="Generation.decide (the daemon's path), mix with 1 in 10 names never seen",
+        ),
+    ]
+
+
+def _generation_rates(gen: Generation, mix: list[str], rounds: int) -> list[float]:
+    for name in mix:  # warm, like a daemon that has been up for a while
+        gen.decide(name, Source.KERNEL)
+    rates = []
+    for k in range(rounds):
+        names = request_names(mix, 20_000, hostile_every=10, salt=f"g{k}-")
+        start = time.process_time()
+        for name in names:
+            gen.decide(name, Source.KERNEL)
+        rates.append(len(names) / (time.process_time() - start))
+    return rates
+
+
+def import_figure(runs: int) -> Figure:
+    """`kmodd --version`: interpreter start + every module the daemon imports up front."""
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([str(KMODD), "--version"], capture_output=True, check=True)
+        samples.append((time.perf_counter() - start) * 1000)
+    return summary("daemon_import_ms", samples, note="`kmodd --version`: Python + imports")
 
 
 def startup_figures(make: Callable[[], Daemon], runs: int) -> tuple[list[Figure], Daemon]:
@@ -30,6 +94,7 @@ def startup_figures(make: Callable[[], Daemon], runs: int) -> tuple[list[Figure]
         seconds.append(daemon.start() * 1000)
         rss.append(daemon.rss_mb())
     return [
+        import_figure(max(3, runs)),
         summary(
             "daemon_ready_ms",
             seconds,
@@ -40,38 +105,67 @@ def startup_figures(make: Callable[[], Daemon], runs: int) -> tuple[list[Figure]
     ], daemon
 
 
-def request_names(mix: list[str], total: int, hostile_every: int) -> list[str]:
+def request_names(mix: list[str], total: int, hostile_every: int, salt: str = "") -> list[str]:
     """The realistic mix, with every HOSTILE_EVERY-th request a never-seen name (what a
     local user gets from `mount -t <random>`): these defeat the decision cache and test
     that its bound holds memory."""
     names = []
     for i in range(total):
         if hostile_every and i % hostile_every == 0:
-            names.append(f"fs-bench{i}")
+            names.append(f"fs-bench{salt}{i}")
         else:
             names.append(mix[i % len(mix)])
     return names
 
 
+def _cpu_s(pid: int) -> float:
+    """utime + stime of every thread of PID (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def single_client_figures(d: Daemon, mix: list[str], total: int) -> list[Figure]:
+    """One client, one request at a time: the round trip without queueing."""
+    load = run_load(d.r.runtime / helper.DECIDE_SOCKET, mix, 1, total)
+    lat = load.latencies_ms
+    lo, hi, n = min(lat), max(lat), len(lat)
+    return [
+        Figure("daemon_single_p50_ms", percentile(lat, 50), "ms", lo, hi, n, note="1 client"),
+        Figure("daemon_single_p99_ms", percentile(lat, 99), "ms", lo, hi, n, note="1 client"),
+    ]
+
+
 def load_figures(d: Daemon, mix: list[str], rounds: int, per_round: int) -> list[Figure]:
     sock = d.r.runtime / helper.DECIDE_SOCKET
     run_load(sock, mix, CLIENTS, min(len(mix), 5_000))  # warm: libkmod pages, the cache
+    single = single_client_figures(d, mix, min(per_round, 3_000))
     rss_before = d.rss_mb()
-    latencies: list[float] = []
-    rates: list[float] = []
-    errors = 0
+    cpu_before = _cpu_s(d.pid)
+    loads: list[Load] = []
     for k in range(rounds):
-        names = request_names(mix[k:] + mix[:k], per_round, hostile_every=10)
-        load = run_load(sock, names, CLIENTS, per_round)
-        latencies += load.latencies_ms
-        rates.append(load.per_s)
-        errors += load.errors
+        names = request_names(mix[k:] + mix[:k], per_round, hostile_every=10, salt=f"d{k}-")
+        loads.append(run_load(sock, names, CLIENTS, per_round))
+    cpu_us = (_cpu_s(d.pid) - cpu_before) * 1e6 / (rounds * per_round)
     rss_after = d.rss_mb()
+    latencies = [ms for load in loads for ms in load.latencies_ms]
+    rates = [load.per_s for load in loads]
+    errors = sum(load.errors for load in loads)
     n = len(latencies)
     lo, hi = min(latencies), max(latencies)
     total = rounds * per_round
+    rate = sorted(rates)[len(rates) // 2]
     return [
-        Figure("daemon_p50_ms", percentile(latencies, 50), "ms", lo, hi, n, note="per request"),
+        *single,
+        Figure(
+            "daemon_p50_ms",
+            percentile(latencies, 50),
+            "ms",
+            lo,
+            hi,
+            n,
+            note=f"per request; Little's law: {CLIENTS} in flight / rate = "
+            f"{CLIENTS / rate * 1000:.1f} ms",
+        ),
         Figure(
             "daemon_p99_ms",
             percentile(latencies, 99),
@@ -90,6 +184,12 @@ def load_figures(d: Daemon, mix: list[str], rounds: int, per_round: int) -> list
             note=f"median of {rounds} rounds of {per_round:,}; 1 in 10 names never seen",
         ),
         Figure("daemon_errors", errors, goal=Goal(Cmp.LE, 0)),
+        Figure(
+            "daemon_cpu_us_per_decision",
+            cpu_us,
+            "us",
+            note=f"daemon CPU (all threads) / decisions: at most {1e6 / cpu_us:,.0f}/s per core",
+        ),
         Figure(
             "daemon_rss_after_mb",
             rss_after,

@@ -103,7 +103,22 @@ def single_figures(s: HelperSetup, runs: int) -> list[Figure]:
         _noted(fig["python_floor_cpu_ms"], "user+sys CPU of the floor"),
         _noted(fig["helper_deny_cpu_ms"], "user+sys CPU of a deny"),
         ratio("helper_deny_vs_floor_cpu", fig["helper_deny_cpu_ms"], fig["python_floor_cpu_ms"]),
+        compile_figure(s),
     ]
+
+
+def compile_figure(s: HelperSetup, runs: int = 50) -> Figure:
+    """A script is compiled on every run (only imported modules get a .pyc): this is
+    what the installed helper pays for its own source before doing anything."""
+    source = s.helper_path.read_bytes()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        compile(source, str(s.helper_path), "exec")
+        samples.append((time.perf_counter() - start) * 1000)
+    return summary(
+        "helper_source_compile_ms", samples, note=f"compile() of its {len(source):,} bytes"
+    )
 
 
 def _noted(f: Figure, note: str) -> Figure:

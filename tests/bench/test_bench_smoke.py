@@ -18,6 +18,7 @@ FIGURES = (
     "decisions_per_s_cached",
     "decisions_per_s_uncached",
     "kmodctl_explain_wall_ms",
+    "decisions_per_s_generation",
     "daemon_ready_ms",
     "daemon_rss_start_mb",
     "python_floor_ms",
