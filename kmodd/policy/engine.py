@@ -202,9 +202,9 @@ class Decision:
 
 
 def _subjects(resolution: Resolution) -> tuple[str, ...]:
-    load_set = resolution.load_set
-    extra = tuple(m for m in resolution.modules if m not in load_set)
-    return load_set + extra if extra else load_set
+    """Load set then resolved modules, each once (modprobe -D repeats a dependency shared
+    by several resolved modules: a 4-module modalias can list 32 steps)."""
+    return tuple(dict.fromkeys((*resolution.load_set, *resolution.modules)))
 
 
 def _first_rule(

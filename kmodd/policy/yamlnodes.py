@@ -11,6 +11,7 @@ pydantic errors can be reported as FILE:LINE:COL.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 
@@ -72,32 +73,47 @@ class YamlProblem(Exception):
         self.hint = hint
 
 
-def _mark(node: yaml.Node) -> Mark:
-    return Mark(node.start_mark.line + 1, node.start_mark.column + 1)
+class LineIndex:
+    """Line/column of a character offset, counting only '\\n' as a line break.
+
+    libyaml also breaks lines at '\\r', U+0085, U+2028 and U+2029, so its own line
+    numbers drift from what `grep -n` and editors show; its marks' `index` (in
+    characters) does not, so every reported position is recomputed from it."""
+
+    def __init__(self, text: str) -> None:
+        self.starts = [0, *(m.end() for m in re.finditer("\n", text))]
+
+    def at(self, index: int) -> Mark:
+        line = bisect.bisect_right(self.starts, index)
+        return Mark(line, index - self.starts[line - 1] + 1)
 
 
 class _Builder:
-    def __init__(self, loader: StrictLoader, doc: Document) -> None:
+    def __init__(self, loader: StrictLoader, doc: Document, lines: LineIndex) -> None:
         self.loader = loader
         self.doc = doc
+        self.lines = lines
         self.seen: set[int] = set()
+
+    def _mark(self, node: yaml.Node) -> Mark:
+        return self.lines.at(node.start_mark.index)
 
     def build(self, node: yaml.Node, path: Path_) -> object:
         if id(node) in self.seen:
             raise YamlProblem(
-                _mark(node),
+                self._mark(node),
                 "YAML aliases (*name) are not allowed in policy files",
                 "write the value out; aliases can expand a small file into gigabytes",
             )
         self.seen.add(id(node))
         if len(self.seen) > MAX_NODES:
-            raise YamlProblem(_mark(node), f"more than {MAX_NODES} YAML nodes")
+            raise YamlProblem(self._mark(node), f"more than {MAX_NODES} YAML nodes")
         if len(path) > MAX_DEPTH:
-            raise YamlProblem(_mark(node), f"nesting deeper than {MAX_DEPTH} levels")
-        self.doc.marks[path] = _mark(node)
+            raise YamlProblem(self._mark(node), f"nesting deeper than {MAX_DEPTH} levels")
+        self.doc.marks[path] = self._mark(node)
         expected = _COLLECTION_TAGS.get(type(node))
         if expected is not None and node.tag != expected:
-            raise YamlProblem(_mark(node), f"unsupported YAML tag {node.tag!r}")
+            raise YamlProblem(self._mark(node), f"unsupported YAML tag {node.tag!r}")
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
@@ -108,30 +124,30 @@ class _Builder:
         try:
             return self.loader.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as err:
-            raise YamlProblem(_mark(node), str(err.problem or err)) from None
+            raise YamlProblem(self._mark(node), str(err.problem or err)) from None
         except (ValueError, OverflowError) as err:  # e.g. a timestamp out of range
-            raise YamlProblem(_mark(node), f"bad scalar: {err}") from None
+            raise YamlProblem(self._mark(node), f"bad scalar: {err}") from None
 
     def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[object, object]:
         out: dict[object, object] = {}
         first: dict[object, Mark] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                raise YamlProblem(_mark(key_node), "mapping keys must be plain scalars")
+                raise YamlProblem(self._mark(key_node), "mapping keys must be plain scalars")
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise YamlProblem(_mark(key_node), "merge keys (<<) are not allowed")
+                raise YamlProblem(self._mark(key_node), "merge keys (<<) are not allowed")
             key = self._scalar(key_node)
             if not isinstance(key, str | int):
                 key = str(key)
             if key in first:
                 where = first[key]
                 raise YamlProblem(
-                    _mark(key_node),
+                    self._mark(key_node),
                     f"duplicate key {key!r}",
                     f"first at line {where.line} column {where.column}; remove one of them",
                 )
-            first[key] = _mark(key_node)
-            self.doc.key_marks[(*path, key)] = _mark(key_node)
+            first[key] = self._mark(key_node)
+            self.doc.key_marks[(*path, key)] = self._mark(key_node)
             out[key] = self.build(value_node, (*path, key))
         return out
 
@@ -143,7 +159,7 @@ def load_document(text: str, path: str) -> tuple[Document | None, list[Issue]]:
         node = loader.get_single_node()
         doc = Document(None)
         if node is not None:
-            doc.data = _Builder(loader, doc).build(node, ())
+            doc.data = _Builder(loader, doc, LineIndex(text)).build(node, ())
     except (yaml.YAMLError, YamlProblem, RecursionError) as err:
         return None, [_error_issue(err, text, path)]
     finally:
@@ -156,16 +172,17 @@ def _error_issue(err: Exception, text: str, path: str) -> Issue:
         return Issue(path, err.mark.line, err.mark.column, err.message, err.hint)
     if isinstance(err, yaml.MarkedYAMLError):
         mark = err.problem_mark or err.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+        where = LineIndex(text).at(mark.index) if mark is not None else Mark(0, 0)
+        line, col = where.line, where.column
         problem = err.problem or err.context or "invalid YAML"
         tabs = "tab" in problem or ("\t" in text and "token" in problem)
         hint = "indent with spaces, not tabs" if tabs else None
         return Issue(path, line, col, f"YAML syntax: {problem}", hint)
     if isinstance(err, yaml.reader.ReaderError):  # no mark, only a character offset
-        line = text.count("\n", 0, err.position) + 1
-        col = err.position - text.rfind("\n", 0, err.position)
+        where = LineIndex(text).at(err.position)
         code = err.character if isinstance(err.character, int) else ord(err.character)
-        return Issue(path, line, col, f"YAML: unacceptable character #x{code:04x}: {err.reason}")
+        message = f"YAML: unacceptable character #x{code:04x}: {err.reason}"
+        return Issue(path, where.line, where.column, message)
     if isinstance(err, RecursionError):
         return Issue(path, 0, 0, "YAML nesting too deep")
     return Issue(path, 0, 0, f"YAML: {err}")

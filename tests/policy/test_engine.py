@@ -154,3 +154,12 @@ def test_empty_policy_allows_everything(tmp_path: Path) -> None:
 )
 def test_mode_override(cmdline: str, expected: Mode | None) -> None:
     assert mode_override(cmdline) == expected
+
+
+def test_shared_dependencies_are_considered_once(tmp_path: Path) -> None:
+    p = policy(tmp_path, "rules:\n  - {id: m, action: deny, match: {module: [b]}}\n")
+    r = res("pci:x", ("b", "c"), ("a", "b", "a", "c"))
+    d = decide(Request("pci:x", Source.UDEV), r, p)
+    assert [t.module for t in d.trace] == ["a", "b", "c"]
+    assert d.load_set == ("a", "b", "a", "c")  # as modprobe -D prints it
+    assert (d.verdict, d.module) == (Verdict.DENY, "b")

@@ -199,3 +199,15 @@ def test_policy_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     os.chown(path, 65534, 65534)
     (found,) = problems(path)
     assert "owned by uid 65534, not root" in found
+
+
+def test_positions_count_only_newlines(tmp_path: Path) -> None:
+    """libyaml breaks lines at U+2028 and CR too; we report what grep -n shows."""
+    text = "kmodd: 1 # caf\u00e9\u2028\r\nmode: sometimes\n"
+    (found,) = problems(write(tmp_path / "u.yaml", text.encode()))
+    assert ":2:7: mode: Input should be" in found
+
+
+def test_bad_utf8_is_located(tmp_path: Path) -> None:
+    (found,) = problems(write(tmp_path / "b.yaml", b"kmodd: 1\nmode: \xff\n"))
+    assert ":2:7: not valid UTF-8 (byte 0xff)" in found
