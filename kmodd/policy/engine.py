@@ -24,6 +24,7 @@ rule key (globs), built by compile_policy() once per generation.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -115,13 +116,13 @@ class CompiledPolicy:
             hits = frozenset(
                 i
                 for i, rule in enumerate(self.rules)
-                if rule.modules is not None and rule.modules.matches(module)
+                if rule.modules is not None and rule.modules.matches(normalize(module))
             )
             if len(self._module_hits) < MODULE_CACHE_MAX:
                 self._module_hits[module] = hits
         return hits
 
-    @property
+    @functools.cached_property
     def default_info(self) -> RuleInfo:
         return RuleInfo(DEFAULT_RULE, self.default)
 
