@@ -46,9 +46,13 @@ class _Handler(Protocol):
     def __call__(self, args: argparse.Namespace) -> int: ...
 
 
-def verb_table() -> dict[Verb, VerbSpec]:
-    """Every verb, in Verb order: offline ones, plugin ones, stubs for missing plugins."""
+def verb_table(*, plugins: bool = True) -> dict[Verb, VerbSpec]:
+    """Every verb, in Verb order: offline ones, plugin ones, stubs for missing plugins.
+
+    plugins=False: the offline verbs only (what main() builds when one of them runs)."""
     table = {spec.verb: spec for spec in OFFLINE}
+    if not plugins:
+        return table
     for name in PLUGIN_MODULES:
         try:
             module = importlib.import_module(name)
@@ -82,7 +86,7 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kmodctl",
         description="Inspect and check kmodd kernel-module policy; talk to the kmodd daemon.",
@@ -92,7 +96,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kmodctl {__version__}")
     _global_options(parser)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for spec in verb_table().values():
+    for spec in verb_table(plugins=plugins).values():
         verb_parser = sub.add_parser(
             str(spec.verb),
             help=spec.help,
@@ -125,8 +129,26 @@ def _report(err: KmoddError) -> None:
         print(f"  hint: {err.hint}", file=sys.stderr)
 
 
+_VALUED_OPTIONS = frozenset({"--root", "--kernel", "--runtime-dir"})
+_OFFLINE_VERBS = frozenset(str(spec.verb) for spec in OFFLINE)
+
+
+def _runs_offline_verb(argv: Sequence[str]) -> bool:
+    """True if ARGV names an offline verb: then the plugin modules (daemon client,
+    installer: ~25 ms of imports) are not needed to parse it."""
+    tokens = iter(argv)
+    for token in tokens:
+        if token in _VALUED_OPTIONS:
+            next(tokens, None)
+        elif not token.startswith("-"):
+            return token in _OFFLINE_VERBS
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)  # exits 2 on usage errors
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = make_parser(plugins=not _runs_offline_verb(argv))
+    args = parser.parse_args(argv)  # exits 2 on usage errors
     try:
         return _resolve(args.handler)(args)
     except KmoddError as err:

@@ -69,8 +69,8 @@ def boom_bug(args: object) -> int:
 def broken_verb(monkeypatch: pytest.MonkeyPatch) -> None:
     real = cli.verb_table
 
-    def table() -> dict[Verb, VerbSpec]:
-        verbs = real()
+    def table(*, plugins: bool = True) -> dict[Verb, VerbSpec]:
+        verbs = real(plugins=plugins)
         verbs[Verb.SCHEMA] = VerbSpec(Verb.SCHEMA, "x", f"{__name__}:boom_kmodd")
         verbs[Verb.VALIDATE] = VerbSpec(Verb.VALIDATE, "x", f"{__name__}:boom_bug")
         return verbs
@@ -113,3 +113,30 @@ def test_kmodctl_script_runs() -> None:
     proc = subprocess.run([str(KMODCTL), "--version"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0
     assert proc.stdout.startswith("kmodctl ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "offline"),
+    [
+        (["explain", "x"], True),
+        (["--root", "status", "validate"], True),  # "status" is the value of --root
+        (["--root=/x", "--json", "schema"], True),
+        (["status"], False),
+        (["--kernel", "explain", "status"], False),
+        (["--help"], False),
+        ([], False),
+    ],
+)
+def test_offline_verbs_skip_the_plugin_modules(argv: list[str], offline: bool) -> None:
+    assert cli._runs_offline_verb(argv) is offline
+
+
+def test_offline_verb_does_not_import_the_daemon_client() -> None:
+    code = (
+        "import sys; from kmodd.cli import main as m\n"
+        "m.main(['schema'])\n"
+        "print('LOADED', [n for n in ('kmodd.cli.online', 'kmodd.cli.client') if n in sys.modules],"
+        " file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "LOADED []" in proc.stderr
