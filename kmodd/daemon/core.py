@@ -198,6 +198,11 @@ class Core:
         self.sink.emit(records.lifecycle(False, f"kmodd {os.getpid()} stopping: {self._stopping}"))
         return 0
 
+    @property
+    def server_overflows(self) -> int:
+        """Connections closed unanswered because a socket's slots were full."""
+        return 0 if self._server is None else self._server.overflows
+
     def close(self) -> None:
         if self.generation is not None:
             self.generation.close()

@@ -33,7 +33,8 @@ from kmodd.errors import KmoddError
 DECIDE_CONN_TIMEOUT_S = 1.0  # the helper gives up after DECIDE_TIMEOUT_S (0.5 s) anyway
 CONTROL_IDLE_TIMEOUT_S = 30.0
 CONTROL_CALL_TIMEOUT_S = 120.0  # a reload builds a whole generation (~1 s on Debian's tree)
-MAX_CONNECTIONS = 512  # 10x the kernel's 50 concurrent helpers
+# Per socket, so that status readers filling their slots can never starve the helper.
+MAX_CONNECTIONS = {"decide": 512, "control": 64}  # decide: 10x the kernel's 50 helpers
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; not in Python 3.11
 PEERGROUPS_MAX = 256
 ROOT_ONLY = frozenset({wire.Method.RELOAD, wire.Method.DECIDE})
@@ -190,6 +191,7 @@ class Server:
         self._clock = clock
         self._sel = selectors.DefaultSelector()
         self._conns: set[_Conn] = set()
+        self._open = dict.fromkeys(Kind, 0)
         self._listeners = listeners
         for kind, sock in listeners.items():
             self._sel.register(sock, selectors.EVENT_READ, kind)
@@ -240,7 +242,7 @@ class Server:
 
     def _admit(self, sock: socket.socket, kind: Kind) -> None:
         sock.setblocking(False)
-        if len(self._conns) >= MAX_CONNECTIONS:
+        if self._open[kind] >= MAX_CONNECTIONS[kind]:
             self.overflows += 1
             sock.close()
             return
@@ -258,6 +260,7 @@ class Server:
         if kind is Kind.CONTROL:
             conn.framer = wire.Framer()
         self._conns.add(conn)
+        self._open[kind] += 1
         self._watch(conn, selectors.EVENT_READ)
         if kind is Kind.DECIDE:
             # The helper sends its line right after connect(): usually it is already
@@ -388,6 +391,7 @@ class Server:
             return
         conn.closed = True
         self._conns.discard(conn)
+        self._open[conn.kind] -= 1
         if conn.events:
             self._sel.unregister(conn.sock)
             conn.events = 0

@@ -201,6 +201,7 @@ def status(core: Core) -> dict[str, Any]:
             "no_generation": stats.no_generation,
         },
         "journal": {"dropped": core.sink.dropped, "failed": core.sink.failed},
+        "server": {"refused_over_limit": core.server_overflows},
         "kernel_modprobe": _kernel_modprobe(core),
         "enforcement_file": str(core.paths.enforcement_file),
         "snapshot": str(core.paths.snapshot),

@@ -10,13 +10,16 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kmodd import helper, wire
 from kmodd.cli import client
+from kmodd.errors import KmoddError
 from tests.conftest import root_required
 from tests.daemon.running import BASE_POLICY, Daemon, SystemRoot, as_nobody, make_root, run_helper
 from tests.kerneltree import KernelTree
@@ -272,6 +275,37 @@ def test_idle_clients_do_not_stall_decisions(shared: tuple[SystemRoot, Daemon]) 
     finally:
         for s in idle:
             s.close()
+
+
+def test_control_flood_cannot_starve_the_helper(shared: tuple[SystemRoot, Daemon]) -> None:
+    sr, daemon = shared
+    before = daemon.status()
+    flood = []
+    try:
+        for _ in range(100):  # more than control.sock's 64 slots, all silent
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(sr.runtime / helper.CONTROL_SOCKET))
+            flood.append(s)
+        assert run_helper(sr, "-q", "--", "algif-aead") == (1, None)
+    finally:
+        for s in flood:
+            s.close()
+    doc = _status_once_slots_free(daemon)
+    kernel = before["decisions"]["sources"].get("kernel", 0)
+    assert doc["decisions"]["sources"]["kernel"] == kernel + 1  # the daemon answered
+    refused = doc["server"]["refused_over_limit"] - before["server"]["refused_over_limit"]
+    assert refused >= 100 - 64
+
+
+def _status_once_slots_free(daemon: Daemon) -> dict[str, Any]:
+    """The daemon may see our status connection before the flood's EOFs: retry."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return daemon.status()
+        except KmoddError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
 
 
 def test_concurrent_helpers_all_answered(shared: tuple[SystemRoot, Daemon]) -> None:
