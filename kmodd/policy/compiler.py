@@ -114,7 +114,11 @@ def denied_requests(
     policy: CompiledPolicy, tree: ModuleTree, decide_fn: DecideFn
 ) -> list[tuple[str, str]]:
     """(request, rule) for request names a rule without a module key denies from every
-    source: exact names of deny rules plus tree aliases their globs match."""
+    source: exact names of deny rules plus tree aliases their globs match.
+
+    Module names are left out: kmod applies `install NAME` to the module NAME whatever
+    name it was reached by (fs-ext4 → ext4), which would block requests the live policy
+    allows; module rules are the way to block a module."""
     candidates: set[str] = set()
     aliases = exact_request_aliases(tree)
     for rule in policy.rules:
@@ -122,6 +126,7 @@ def denied_requests(
             continue
         candidates.update(rule.requests.exact)
         candidates.update(a for a in aliases if rule.requests.matches(helper.normalize(a)))
+    candidates.difference_update(tree.module_names())
     out = []
     for name in sorted(candidates):
         decisions = [decide_fn(Request(name, s), tree.resolve(name), policy) for s in Source]

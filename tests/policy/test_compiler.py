@@ -174,3 +174,14 @@ def test_rendered_denials_agree_with_live_decisions(ctx: KmodContext, tmp_path: 
         for source in Source:
             decision = decide(Request(module, source), ctx.resolve(module), policy)
             assert decision.verdict is Verdict.DENY, (module, source)
+
+
+def test_request_rules_never_render_module_names(ctx: KmodContext, tmp_path: Path) -> None:
+    """`install ext4 …` would also block fs-ext4, which the rule below does not deny."""
+    policy = compiled(
+        tmp_path, "rules:\n  - {id: no-name, action: deny, match: {request: [ext4, 'fs-ext*']}}\n"
+    )
+    text = render_enforcement(policy, ctx, STUB)
+    assert "install ext4 " not in text
+    assert f"install fs_ext4 {STUB} fs_ext4\n" in text
+    assert decide(Request("fs-ext4"), ctx.resolve("fs-ext4"), policy).verdict is Verdict.DENY
