@@ -168,10 +168,13 @@ class Core:
         self._answers: dict[bytes, _Answer] = {}
         self._answers_gen: Generation | None = None
         self._last_status = ""
+        self._closed = False
 
     # --- posting (any thread) ------------------------------------------------------
 
     def post(self, event: Event | _Built) -> None:
+        if self._closed:
+            return
         self._queue.put(event)
         with contextlib.suppress(BlockingIOError):  # counter saturated: the loop is awake
             os.eventfd_write(self._wake, 1)
@@ -204,9 +207,11 @@ class Core:
         return 0 if self._server is None else self._server.overflows
 
     def close(self) -> None:
+        # The eventfd stays open until exit: a builder thread still running may post,
+        # and writing to a closed (possibly reused) fd number would be worse than a leak.
+        self._closed = True
         if self.generation is not None:
             self.generation.close()
-        os.close(self._wake)
 
     def _tick_interval(self) -> float:
         ping = self.edges.notifier.watchdog_ping_interval_s
