@@ -68,7 +68,7 @@ def reference(
                 return str(rule["action"]), str(rule["id"])
         return default, "default"
 
-    subjects = list(dict.fromkeys([*load, *modules])) or [None]
+    subjects: list[str | None] = [*dict.fromkeys([*load, *modules])] or [None]
     verdicts = [first(m) for m in subjects]
     denied = [v for v in verdicts if v[0] == "deny"]
     if denied:
