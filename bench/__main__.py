@@ -28,7 +28,7 @@ from tests import journald
 from tests.kerneltree import KernelTree, ensure_kernel_tree
 
 DOC = REPO / "docs/benchmarks.md"
-INSIDE_ENV = "KMODD_BENCH_JOURNAL"  # set inside the namespace: the journald's name
+INSIDE_ENV = "KMODD_BENCH_JOURNAL"  # set inside the namespace: "NAMESPACE PID" of journald
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def runtime_figures(tree: KernelTree, plan: Plan, mix: list[str]) -> list[Figure]:
+def runtime_figures(
+    tree: KernelTree, plan: Plan, mix: list[str], journald_pid: int | None
+) -> list[Figure]:
     with temp_root(tree) as r:
         helper_path = spawn.install_helper(r.top / "libexec/kmodd-modprobe")
 
@@ -81,7 +83,9 @@ def runtime_figures(tree: KernelTree, plan: Plan, mix: list[str]) -> list[Figure
                 by_name["helper_deny_cpu_ms"],
             )
             print_figures(storm)
-            load = daemon_bench.load_figures(daemon, mix, plan.load_rounds, plan.load_per_round)
+            load = daemon_bench.load_figures(
+                daemon, mix, plan.load_rounds, plan.load_per_round, journald_pid
+            )
             print_figures(load)
             reload = daemon_bench.reload_figures(daemon, plan.reloads)
             print_figures(reload)
@@ -92,7 +96,7 @@ def runtime_figures(tree: KernelTree, plan: Plan, mix: list[str]) -> list[Figure
         return gen + start + single + storm + load + reload + cli
 
 
-def run(args: argparse.Namespace, journal: str) -> int:
+def run(args: argparse.Namespace, journal: str, journald_pid: int | None = None) -> int:
     plan = QUICK if args.quick else FULL
     tree = ensure_kernel_tree()
     info = machine(tree.release, journal)
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace, journal: str) -> int:
         print(f"# {key}: {value}", flush=True)
     core, mix = bench_core.core_figures(tree, plan.core_runs)
     print_figures(core)
-    figs = runtime_figures(tree, plan, mix)
+    figs = runtime_figures(tree, plan, mix, journald_pid)
     ordered = _order(core + figs)
     if not (args.no_doc or (args.quick and args.doc is None)):
         command = "make bench" if not args.quick else "python -m bench --quick"
@@ -125,13 +129,25 @@ def _order(figs: list[Figure]) -> list[Figure]:
     return sorted(figs, key=key)
 
 
+def _journald_pid(namespace: str) -> int:
+    """The pid of `systemd-journald NAMESPACE` (its CPU per record is a figure)."""
+    want = [journald.JOURNALD.encode(), namespace.encode()]
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().split(b"\0")[:2] == want:
+                return int(proc.name)
+        except OSError:
+            continue
+    raise RuntimeError(f"no systemd-journald {namespace} running")
+
+
 def in_journal_namespace(argv: list[str]) -> int:
     """Start a private journald, then run this very command inside its namespace."""
     with (
         tempfile.TemporaryDirectory(prefix="kmodd-bench-jd-") as scratch,
         journald.running_journald(Path(scratch)) as jd,
     ):
-        env = {**os.environ, INSIDE_ENV: jd.namespace}
+        env = {**os.environ, INSIDE_ENV: f"{jd.namespace} {_journald_pid(jd.namespace)}"}
         cmd = jd.wrap([sys.executable, "-m", "bench", *argv])
         return subprocess.run(cmd, env=env, cwd=REPO, check=False).returncode
 
@@ -141,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     inside = os.environ.get(INSIDE_ENV)
     if inside:
-        return run(args, f"private systemd-journald (namespace {inside})")
+        namespace, pid = inside.split()
+        return run(args, f"private systemd-journald (namespace {namespace})", int(pid))
     if args.no_journald or journald.available() is not None:
         return run(args, "none: the daemon's records go to a log file")
     return in_journal_namespace(argv)

@@ -135,17 +135,25 @@ def single_client_figures(d: Daemon, mix: list[str], total: int) -> list[Figure]
     ]
 
 
-def load_figures(d: Daemon, mix: list[str], rounds: int, per_round: int) -> list[Figure]:
+def load_figures(
+    d: Daemon, mix: list[str], rounds: int, per_round: int, journald_pid: int | None = None
+) -> list[Figure]:
     sock = d.r.runtime / helper.DECIDE_SOCKET
     run_load(sock, mix, CLIENTS, min(len(mix), 5_000))  # warm: libkmod pages, the cache
     single = single_client_figures(d, mix, min(per_round, 3_000))
     rss_before = d.rss_mb()
-    cpu_before = _cpu_s(d.pid)
+    pids = {"daemon": d.pid, "client": os.getpid()}
+    if journald_pid is not None:
+        pids["journald"] = journald_pid
+    cpu_before = {who: _cpu_s(pid) for who, pid in pids.items()}
     loads: list[Load] = []
     for k in range(rounds):
         names = request_names(mix[k:] + mix[:k], per_round, hostile_every=10, salt=f"d{k}-")
         loads.append(run_load(sock, names, CLIENTS, per_round))
-    cpu_us = (_cpu_s(d.pid) - cpu_before) * 1e6 / (rounds * per_round)
+    cpu_us = {
+        who: (_cpu_s(pid) - cpu_before[who]) * 1e6 / (rounds * per_round)
+        for who, pid in pids.items()
+    }
     rss_after = d.rss_mb()
     latencies = [ms for load in loads for ms in load.latencies_ms]
     rates = [load.per_s for load in loads]
@@ -184,12 +192,7 @@ def load_figures(d: Daemon, mix: list[str], rounds: int, per_round: int) -> list
             note=f"median of {rounds} rounds of {per_round:,}; 1 in 10 names never seen",
         ),
         Figure("daemon_errors", errors, goal=Goal(Cmp.LE, 0)),
-        Figure(
-            "daemon_cpu_us_per_decision",
-            cpu_us,
-            "us",
-            note=f"daemon CPU (all threads) / decisions: at most {1e6 / cpu_us:,.0f}/s per core",
-        ),
+        *_cpu_figures(cpu_us),
         Figure(
             "daemon_rss_after_mb",
             rss_after,
@@ -205,6 +208,35 @@ def load_figures(d: Daemon, mix: list[str], rounds: int, per_round: int) -> list
             note=f"over those {total:,} decisions",
         ),
     ]
+
+
+def _cpu_figures(cpu_us: dict[str, float]) -> list[Figure]:
+    """CPU per decision of every process on the path: with N cores no rate can exceed
+    N x 1e6 / their sum, whatever the daemon does."""
+    ncpu = os.cpu_count() or 1
+    total = sum(cpu_us.values())
+    figs = [
+        Figure(
+            "daemon_cpu_us_per_decision",
+            cpu_us["daemon"],
+            "us",
+            note=f"all threads; alone it could do {1e6 / cpu_us['daemon']:,.0f}/s per core",
+        ),
+        Figure("client_cpu_us_per_decision", cpu_us["client"], "us", note="the 50 clients"),
+    ]
+    if "journald" in cpu_us:
+        figs.append(
+            Figure("journald_cpu_us_per_decision", cpu_us["journald"], "us", note="one record")
+        )
+    figs.append(
+        Figure(
+            "daemon_cpu_bound_per_s",
+            ncpu * 1e6 / total,
+            "/s",
+            note=f"{ncpu} CPUs / CPU of daemon + clients + journal per decision",
+        )
+    )
+    return figs
 
 
 def _wait_generation(d: Daemon, above: int) -> float:
