@@ -96,7 +96,6 @@ def valid_name(name: bytes) -> bool:
 # tuples over builtin modules only (no typing, dataclasses, enum, re, json, socket).
 
 TRACE_ENV = "KMODD_HELPER_TRACE"  # tests only: dump sys.modules to this new file before exit
-SYSLOG_FACILITY_DAEMON = 3 << 3  # LOG_DAEMON, without importing syslog up front
 
 
 def _fds_to_devnull() -> None:
@@ -110,7 +109,7 @@ def _fds_to_devnull() -> None:
 
 
 def _log(priority: int, message: str) -> None:
-    syslog.openlog(SYSLOG_IDENT, syslog.LOG_PID, SYSLOG_FACILITY_DAEMON)
+    syslog.openlog(SYSLOG_IDENT, syslog.LOG_PID, syslog.LOG_DAEMON)
     syslog.syslog(priority, message)
 
 
