@@ -40,12 +40,26 @@ def collect_policy_files(paths: Paths) -> tuple[list[Path], list[Path]]:
                 [Issue(str(directory), 0, 0, f"cannot list policy dir: {err.strerror}")],
                 what="policy",
             ) from None
+        _check_dir(directory)
         for name in names:
             if name.endswith(SUFFIX) and not name.startswith("."):
                 chosen[name] = directory / name
     files = [chosen[name] for name in sorted(chosen)]
     masked = [p for p in files if _is_mask(p)]
     return [p for p in files if p not in masked], masked
+
+
+def _check_dir(directory: Path) -> None:
+    """Whoever can write a policy dir can delete or mask root's files in it: refused like
+    an unsafe file."""
+    try:
+        unsafe = _unsafe_owner_or_mode(directory.stat())
+    except OSError as err:
+        unsafe = f"cannot stat: {err.strerror}"
+    if unsafe is not None:
+        hint = "chown root and chmod go-w the policy directory"
+        issue = Issue(str(directory), 0, 0, f"policy dir {unsafe}", hint)
+        raise InvalidInputError([issue], what="policy")
 
 
 def _is_mask(path: Path) -> bool:
@@ -85,11 +99,13 @@ def read_policy_bytes(path: Path) -> bytes:
 def _unsafe_owner_or_mode(st: os.stat_result) -> str | None:
     """Policy decides what root loads: a file another user can write is refused (as
     USBGuard does).  Owned by root or by whoever runs us (kmodctl validate on one's own
-    draft), and never world-writable."""
+    draft), never world-writable, and group-writable only by root's group (or ours)."""
     if st.st_uid not in (0, os.geteuid()):
         return f"owned by uid {st.st_uid}, not root"
     if st.st_mode & stat.S_IWOTH:
         return "writable by every user"
+    if st.st_mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid()):
+        return f"writable by group {st.st_gid}"
     return None
 
 
