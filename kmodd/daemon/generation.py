@@ -163,7 +163,7 @@ def publish(gen: Generation) -> Generation:
     """Write the enforcement file and the snapshot atomically, then check (with a fresh
     context that sees exactly what modprobe sees) which modprobe.d lines conflict."""
     write_atomic(gen.paths.enforcement_file, gen.enforcement.encode(), create_dir=True)
-    write_atomic(gen.paths.snapshot, gen.snapshot)
+    write_atomic(gen.paths.snapshot, gen.snapshot, mode=0o600)  # the helper runs as root
     conflicts = find_conflicts(gen.paths, _rendered_denials(gen.enforcement))
     return dataclasses.replace(gen, conflicts=tuple(conflicts))
 
