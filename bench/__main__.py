@@ -58,7 +58,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def runtime_figures(
     tree: KernelTree, plan: Plan, mix: list[str], journald_pid: int | None
-) -> list[Figure]:
+) -> tuple[list[Figure], list[Figure]]:
+    """(the runtime figures, the kmodctl ones), in the order the doc lists them."""
     with temp_root(tree) as r:
         helper_path = spawn.install_helper(r.top / "libexec/kmodd-modprobe")
 
@@ -93,7 +94,8 @@ def runtime_figures(
             print_figures(cli)
         finally:
             daemon.stop()
-        return gen + start + single + storm + load + reload + cli
+        # The doc's order: the issue's figures first, what explains them after.
+        return single + storm + start + load + reload + gen, cli
 
 
 def run(args: argparse.Namespace, journal: str, journald_pid: int | None = None) -> int:
@@ -104,29 +106,14 @@ def run(args: argparse.Namespace, journal: str, journald_pid: int | None = None)
         print(f"# {key}: {value}", flush=True)
     core, mix = bench_core.core_figures(tree, plan.core_runs)
     print_figures(core)
-    figs = runtime_figures(tree, plan, mix, journald_pid)
-    ordered = _order(core + figs)
+    runtime, cli = runtime_figures(tree, plan, mix, journald_pid)
+    ordered = runtime + core + cli
     if not (args.no_doc or (args.quick and args.doc is None)):
         command = "make bench" if not args.quick else "python -m bench --quick"
         write_doc(args.doc or DOC, table(ordered, info, command))
     missed = [f.name for f in ordered if f.met is False]
     print(f"# goals missed: {', '.join(missed) if missed else 'none'}", flush=True)
     return 0
-
-
-FIRST = ("python_floor_ms", "modprobe_miss_ms", "helper_", "storm_", "daemon_", "reload_")
-
-
-def _order(figs: list[Figure]) -> list[Figure]:
-    """The doc lists the issue's figures first (helper, storm, daemon, reload), in order."""
-
-    def key(f: Figure) -> int:
-        for i, prefix in enumerate(FIRST):
-            if f.name.startswith(prefix):
-                return i
-        return len(FIRST)
-
-    return sorted(figs, key=key)
 
 
 def _journald_pid(namespace: str) -> int:

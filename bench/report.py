@@ -95,7 +95,8 @@ def table(figs: Sequence[Figure], info: dict[str, str], command: str) -> str:
         low = "" if f.low is None else _short(f.low)
         high = "" if f.high is None else _short(f.high)
         goal = "" if f.goal is None else f"{f.goal} {'**met**' if f.met else '**missed**'}"
-        rows.append(f"| `{f.name}` | {value} | {low} | {high} | {f.runs} | {goal} | {f.note} |")
+        runs = "" if f.low is None else str(f.runs)
+        rows.append(f"| `{f.name}` | {value} | {low} | {high} | {runs} | {goal} | {f.note} |")
     met = [f for f in figs if f.met is True]
     missed = [f for f in figs if f.met is False]
     rows += [
