@@ -81,8 +81,9 @@ def default_release(root: Path) -> str:
     )
 
 
-def make_paths(root: str | Path = "/", release: str | None = None,
-               runtime_dir: str | Path | None = None) -> Paths:
+def make_paths(
+    root: str | Path = "/", release: str | None = None, runtime_dir: str | Path | None = None
+) -> Paths:
     root = Path(root)
     if runtime_dir is None:
         runtime_dir = os.environ.get(helper.RUNTIME_DIR_ENV) or helper.RUNTIME_DIR
