@@ -35,6 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kmodd.policy import requester
+from kmodd.policy.requester import RequesterFacts
+
 TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 INSTANCE = "kmodd"
 EVENT_DIR = "events/module/module_request"
@@ -119,8 +122,19 @@ class Requester:
 
     @property
     def unprivileged(self) -> bool:
-        """Neither real nor effective uid is 0 in the initial user namespace."""
-        return self.uid != 0 and self.euid != 0
+        """The real uid (initial user namespace) is not 0 (see RequesterFacts)."""
+        return self.facts().unprivileged
+
+    def facts(self) -> RequesterFacts:
+        """What policy rules may test."""
+        return RequesterFacts(self.uid, self.euid, self.gid, self.groups, self.unit, self.container)
+
+    def journal_fields(self) -> dict[str, str]:
+        """OBJECT_PID and the KMODD_REQUESTER_* fields of a decision record."""
+        out = requester.fields(self.facts(), pid=self.pid, comm=self.comm, exe=self.exe)
+        if self.cgroup is not None:
+            out[requester.F_CGROUP] = self.cgroup[:512]
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -16,6 +16,7 @@ import pytest
 
 from kmodd.daemon import attribution
 from kmodd.daemon.attribution import Attributor, parse_event_line, read_requester, unit_of
+from kmodd.policy import requester
 from tests.conftest import root_required
 
 # Lines in the format trace_pipe prints (kernel 6.1: 5 flag characters; older: 4;
@@ -94,8 +95,12 @@ def test_reads_this_process() -> None:
     assert me.gid == os.getgid()
     assert me.comm == Path("/proc/self/comm").read_text().strip()
     assert me.exe == os.path.realpath(sys.executable)
-    assert me.unprivileged is (os.getuid() != 0 and os.geteuid() != 0)
+    assert me.unprivileged is (os.getuid() != 0)
     assert me.as_dict()["pid"] == os.getpid()
+    fields = me.journal_fields()
+    assert fields["OBJECT_PID"] == str(os.getpid())
+    assert fields["KMODD_REQUESTER_UID"] == str(os.getuid())
+    assert requester.from_fields(fields) == me.facts()
 
 
 def test_a_vanished_task_is_none() -> None:
