@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,27 +23,47 @@ pytestmark = [root_required, pytest.mark.root]
 
 
 class Manager:
-    """The service manager's end of NOTIFY_SOCKET."""
+    """The service manager's end of NOTIFY_SOCKET.  Like PID 1 it reads continuously: a
+    unix datagram socket queues only net.unix.max_dgram_qlen (10) messages, and the
+    daemon's sends block when the reader stops reading."""
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.path = path
         self.messages: list[dict[str, str]] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096).decode()
+            except OSError:
+                return
+            with self._cond:
+                self.messages.append(dict(line.split("=", 1) for line in data.splitlines()))
+                self._cond.notify_all()
 
     def wait_for(self, key: str, value: str | None = None, timeout: float = 60.0) -> dict[str, str]:
-        """The first not-yet-consumed message carrying KEY (=VALUE); earlier ones are kept."""
+        """The first not-yet-consumed message carrying KEY (=VALUE); earlier ones are
+        consumed with it."""
         deadline = time.monotonic() + timeout
-        while True:
-            for i, msg in enumerate(self.messages):
-                if key in msg and (value is None or msg[key] == value):
-                    del self.messages[: i + 1]
-                    return msg
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {key}={value} from the daemon"
-            self.sock.settimeout(left)
-            data = self.sock.recv(4096).decode()
-            self.messages.append(dict(line.split("=", 1) for line in data.splitlines()))
+        with self._cond:
+            while True:
+                for i, msg in enumerate(self.messages):
+                    if key in msg and (value is None or msg[key] == value):
+                        del self.messages[: i + 1]
+                        return msg
+                left = deadline - time.monotonic()
+                assert left > 0, f"no {key}={value} from the daemon"
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(10)
 
 
 @pytest.fixture
@@ -78,7 +99,7 @@ def test_notify_ready_reloading_watchdog_stopping(sr: SystemRoot) -> None:
         assert mgr.wait_for("STOPPING", "1")["STATUS"] == "stopping: SIGTERM"
     finally:
         daemon.stop()
-        mgr.sock.close()
+        mgr.close()
 
 
 def installed_helper(sr: SystemRoot) -> Path:
