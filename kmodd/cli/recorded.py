@@ -1,0 +1,172 @@
+"""Decisions the daemon recorded, read back from the journal (kmodctl generate, simulate).
+
+`journalctl -o json` is the reader: it knows every journal format, --since syntax,
+namespaces and directories, and costs no binding.  Only records that can be trusted as
+the daemon's are read: SYSLOG_IDENTIFIER=kmodd, a decision MESSAGE_ID and _UID=0 (a
+trusted field journald sets from the sender's credentials -- any local user may send a
+record claiming SYSLOG_IDENTIFIER=kmodd, none can fake _UID=0).  Output is streamed line
+by line and each line is bounded: a journal is large and its text is not ours.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from kmodd.daemon.journal import IDENTIFIER, MessageId
+from kmodd.errors import KmoddError
+from kmodd.policy.requester import F_COMM, RequesterFacts, from_fields
+from kmodd.policy.types import Source, Verdict
+
+DECISION_IDS = (MessageId.ALLOW, MessageId.DENY, MessageId.WOULD_DENY)
+LINE_MAX = 65536  # one decision record in JSON is ~1.5 KB
+RECORDS_MAX = 5_000_000  # a week of a busy fleet node; stop (and say so) beyond
+FIELDS = (
+    "MESSAGE_ID",
+    "KMODD_REQUEST",
+    "KMODD_VERDICT",
+    "KMODD_RULE",
+    "KMODD_MODULES",
+    "KMODD_SOURCE",
+    "KMODD_MODE",
+    "KMODD_REQUESTER_UID",
+    "KMODD_REQUESTER_EUID",
+    "KMODD_REQUESTER_GID",
+    "KMODD_REQUESTER_GROUPS",
+    "KMODD_REQUESTER_COMM",
+    "KMODD_REQUESTER_UNIT",
+    "KMODD_REQUESTER_CONTAINER",
+)
+_SOURCES = frozenset(s.value for s in Source)
+
+
+class JournalReadError(KmoddError):
+    """journalctl is missing or refused the query."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalQuery:
+    since: str | None = None  # anything journalctl --since takes
+    until: str | None = None
+    namespace: str | None = None  # journalctl --namespace (a journald namespace)
+    directory: str | None = None  # journalctl --directory (an exported journal)
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """One recorded decision."""
+
+    request: str
+    source: Source
+    verdict: Verdict  # what the policy said
+    mode: str  # enforce | permissive | learn
+    rule: str
+    modules: tuple[str, ...]  # the load set at the time
+    requester: RequesterFacts | None
+    comm: str | None  # the requester's comm, for humans
+    at_us: int  # __REALTIME_TIMESTAMP
+
+    @property
+    def outcome(self) -> str:
+        """allow, deny (blocked) or would_deny (a deny that a non-enforcing mode let pass)."""
+        if self.verdict is Verdict.ALLOW:
+            return "allow"
+        return "deny" if self.mode == "enforce" else "would_deny"
+
+    @property
+    def loaded(self) -> bool:
+        return self.outcome != "deny"
+
+
+def journalctl_argv(query: JournalQuery) -> list[str]:
+    exe = shutil.which("journalctl")
+    if exe is None:
+        raise JournalReadError(
+            "journalctl not found", hint="install systemd, or pass --no-journal to generate"
+        )
+    argv = [exe, "-o", "json", "--no-pager", f"--output-fields={','.join(FIELDS)}"]
+    if query.since:
+        argv.append(f"--since={query.since}")
+    if query.until:
+        argv.append(f"--until={query.until}")
+    if query.namespace:
+        argv.append(f"--namespace={query.namespace}")
+    if query.directory:
+        argv.append(f"--directory={query.directory}")
+    argv += [f"SYSLOG_IDENTIFIER={IDENTIFIER}", "_UID=0"]
+    return argv + [f"MESSAGE_ID={m.value}" for m in DECISION_IDS]
+
+
+def parse_record(record: Mapping[str, object]) -> Recorded | None:
+    """A decision record, or None if it is not one we understand (older, garbled)."""
+    source, verdict = record.get("KMODD_SOURCE"), record.get("KMODD_VERDICT")
+    request = record.get("KMODD_REQUEST")
+    if source not in _SOURCES or verdict not in ("allow", "deny") or not isinstance(request, str):
+        return None
+    try:
+        at_us = int(str(record.get("__REALTIME_TIMESTAMP", "0")))
+    except ValueError:
+        at_us = 0
+    comm = record.get(F_COMM)
+    return Recorded(
+        request=request,
+        source=Source(str(source)),
+        verdict=Verdict(str(verdict)),
+        mode=str(record.get("KMODD_MODE") or "enforce"),
+        rule=str(record.get("KMODD_RULE") or "?"),
+        modules=tuple(str(record.get("KMODD_MODULES") or "").split()),
+        requester=from_fields(record),
+        comm=comm if isinstance(comm, str) and comm else None,
+        at_us=at_us,
+    )
+
+
+def read_decisions(query: JournalQuery) -> Iterator[Recorded]:
+    """Every decision record matching QUERY, oldest first (streamed)."""
+    argv = journalctl_argv(query)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    assert proc.stdout is not None
+    count, complete = 0, False
+    try:
+        for raw in proc.stdout:
+            if count >= RECORDS_MAX:
+                raise JournalReadError(
+                    f"more than {RECORDS_MAX} decision records",
+                    hint="narrow the window with --since/--until",
+                )
+            if len(raw) > LINE_MAX:
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and (found := parse_record(record)) is not None:
+                count += 1
+                yield found
+        complete = True
+    finally:
+        proc.stdout.close()
+        if not complete:  # the caller stopped early (or failed): no verdict on journalctl
+            proc.kill()
+            proc.wait()
+    _finish(proc, argv)
+
+
+def _finish(proc: subprocess.Popen[bytes], argv: list[str]) -> None:
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    # 1 with "-- No entries --" is not an error; anything on stderr with a failure is.
+    text = err.decode(errors="replace").strip()[:2000]
+    if proc.returncode not in (0, None) and text and "No entries" not in text:
+        raise JournalReadError(
+            f"journalctl failed ({proc.returncode}): {text}",
+            hint=f"the query was: {' '.join(argv[1:])}",
+        )
