@@ -49,18 +49,14 @@ def dead_runtime_dir(r: Root, where: Path) -> Path:
     return where
 
 
-def _timer(argv: list[str], env: dict[str, str], expect: int) -> Callable[[], float]:
-    def once() -> float:
+def _timer(argv: list[str], env: dict[str, str], expect: int) -> Callable[[], spawn.Run]:
+    def once() -> spawn.Run:
         result = spawn.run(argv, env)
         if result.status != expect:
             raise RuntimeError(f"{argv} exited {result.status}, expected {expect}")
-        return result.wall_ms
+        return result
 
     return once
-
-
-def _cpu_timer(argv: list[str], env: dict[str, str]) -> Callable[[], float]:
-    return lambda: spawn.run(argv, env).cpu_ms
 
 
 def single_figures(s: HelperSetup, runs: int) -> list[Figure]:
@@ -76,11 +72,12 @@ def single_figures(s: HelperSetup, runs: int) -> list[Figure]:
         "helper_deny_ms": _timer([h, "-q", "--", DENY_NAME], live, 1),
         "helper_allow_ms": _timer([h, "-q", "--", ALLOW_NAME], live, 0),
         "helper_fallback_ms": _timer([h, "-q", "--", DENY_NAME], dead, 1),
-        "python_floor_cpu_ms": _cpu_timer([spawn.PYTHON, "-IS", "-c", "pass"], plain),
-        "helper_deny_cpu_ms": _cpu_timer([h, "-q", "--", DENY_NAME], live),
     }
     samples = interleaved(jobs, runs)
-    fig = {name: summary(name, values) for name, values in samples.items()}
+    fig = {name: summary(name, [r.wall_ms for r in rs]) for name, rs in samples.items()}
+    for name in ("python_floor", "helper_deny"):  # the CPU of the same runs
+        cpu = f"{name}_cpu_ms"
+        fig[cpu] = summary(cpu, [r.cpu_ms for r in samples[f"{name}_ms"]])
     floor, deny = fig["python_floor_ms"], fig["helper_deny_ms"]
     allow, true = fig["helper_allow_ms"], fig["true_exec_ms"]
     overhead = Figure(

@@ -11,6 +11,9 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Cmp(StrEnum):
@@ -99,14 +102,12 @@ def ratio(name: str, num: Figure, den: Figure, *, goal: Goal | None = None) -> F
     return Figure(name, num.value / den.value, "x", goal=goal, note=f"{num.name} / {den.name}")
 
 
-def interleaved(
-    jobs: dict[str, Callable[[], float]], runs: int, warmup: int = 2
-) -> dict[str, list[float]]:
+def interleaved(jobs: dict[str, Callable[[], T]], runs: int, warmup: int = 2) -> dict[str, list[T]]:
     """Run every job once per round, RUNS rounds, after WARMUP discarded rounds.
 
     Round-robin rather than job after job: on a shared machine the load changes by the
     second, and a ratio is only fair if both sides saw the same load."""
-    samples: dict[str, list[float]] = {name: [] for name in jobs}
+    samples: dict[str, list[T]] = {name: [] for name in jobs}
     for round_no in range(warmup + runs):
         for name, job in jobs.items():
             value = job()
