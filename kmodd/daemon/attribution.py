@@ -315,6 +315,9 @@ class Attributor:
         self.matched = 0
         self.unmatched = 0  # lookups that found no event within the bound
         self.gone = 0  # matched, but /proc/PID had vanished
+        self.wait_s_max = 0.0  # longest a lookup waited for its event
+        self.read_s_max = 0.0  # longest /proc read of a matched requester
+        self.margin_s_min: float | None = None  # least time an event waited for its lookup
 
     def availability(self) -> Availability:
         return self._availability
@@ -406,7 +409,8 @@ class Attributor:
         Without a running reader this returns None at once (no waiting for nothing)."""
         if self._thread is None and not self._pending:
             return None
-        deadline = self._clock() + timeout_s
+        started = self._clock()
+        deadline = started + timeout_s
         with self._cond:
             event = self._take(name)
             while event is None:
@@ -415,10 +419,15 @@ class Attributor:
                     break
                 self._cond.wait(left)
                 event = self._take(name)
+        found = self._clock()
+        self.wait_s_max = max(self.wait_s_max, found - started)
         if event is None:
             self.unmatched += 1
             return None
+        margin = started - event.seen
+        self.margin_s_min = margin if self.margin_s_min is None else min(self.margin_s_min, margin)
         requester = read_requester(event.pid, self._proc)
+        self.read_s_max = max(self.read_s_max, self._clock() - found)
         if requester is None:
             self.gone += 1
             return None
@@ -432,6 +441,20 @@ class Attributor:
             "unmatched": self.unmatched,
             "gone": self.gone,
         }
+
+    def timings(self) -> dict[str, float | None]:
+        """Worst cases so far, in ms: waiting for an event, reading /proc, and the least
+        head start an event had over its lookup (how close the race ever came)."""
+        margin = self.margin_s_min
+        return {
+            "wait_ms_max": round(self.wait_s_max * 1000, 3),
+            "read_ms_max": round(self.read_s_max * 1000, 3),
+            "margin_ms_min": None if margin is None else round(margin * 1000, 3),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """For `kmodctl status`: what is available, the counters and the timings."""
+        return {**self._availability.as_dict(), **self.counters(), **self.timings()}
 
     def stop(self) -> None:
         """Disable the event, wake and end the reader, remove our instance."""
@@ -470,3 +493,23 @@ def _write(path: Path, text: str) -> None:
 def _truncate(path: Path) -> None:
     """Opening a tracefs `trace` file with O_TRUNC clears the instance's buffer."""
     os.close(os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC))
+
+
+def spawned_by_kernel(pid: int, proc: Path = PROC) -> bool:
+    """PID's parent is a kernel thread (empty cmdline): a usermode helper the kernel ran.
+    Only such a peer has a module_request event to wait for; a helper run by hand (or a
+    test client of decide.sock) must not make the decision wait."""
+    status = _read(proc / str(pid) / "status")
+    if status is None:
+        return False
+    ppid = (_status_fields(status).get("PPid") or ["0"])[0]
+    if ppid in ("0", "1"):  # pid 1 is never the kernel's worker; 0: no parent (pid 1)
+        return False
+    cmdline = _read(proc / ppid / "cmdline")
+    return cmdline == ""
+
+
+def unknown_fields(availability: Availability, reason: str | None = None) -> dict[str, str]:
+    """The KMODD_REQUESTER field of a decision whose requester is not known."""
+    why = reason or availability.reason or "no module_request event matched in time"
+    return {requester.F_UNKNOWN: f"unknown: {why}"[:200]}

@@ -287,3 +287,30 @@ def test_events_of_a_name_match_oldest_first(tmp_path: Path) -> None:
     assert first is not None
     assert second is not None
     assert (first.pid, second.pid) == (me, parent)
+
+
+def test_spawned_by_kernel(tmp_path: Path) -> None:
+    assert not attribution.spawned_by_kernel(os.getpid())  # pytest's parent is a program
+    proc = tmp_path / "proc"
+    for pid, ppid, cmdline in ((10, 2, ""), (2, 0, ""), (11, 10, "x\0")):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "status").write_text(f"Name:\tx\nPPid:\t{ppid}\n")
+        (proc / str(pid) / "cmdline").write_text(cmdline)
+    assert attribution.spawned_by_kernel(10, proc)  # parent kthreadd: the kernel ran it
+    assert not attribution.spawned_by_kernel(11, proc)  # parent 10 has a command line
+    assert not attribution.spawned_by_kernel(2, proc)
+    assert not attribution.spawned_by_kernel(99, proc)
+
+
+def test_status_has_availability_counters_and_timings(tmp_path: Path) -> None:
+    at = Attributor((tmp_path / "none",))
+    at.feed_lines([f"  x-{os.getpid()} [000] 1.0: module_request: fs-foo wait=1 call_site=x"])
+    assert at.lookup("fs-foo", 0) is not None
+    doc = at.status()
+    assert doc["available"] is False
+    assert (doc["events"], doc["matched"]) == (1, 1)
+    assert doc["margin_ms_min"] is not None
+    assert doc["margin_ms_min"] >= 0
+    assert attribution.unknown_fields(at.availability())["KMODD_REQUESTER"].startswith(
+        "unknown: tracefs is not mounted"
+    )
