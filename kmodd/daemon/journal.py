@@ -1,15 +1,17 @@
 """Journal records: one per decision, plus reload/conflict/fallback/tamper/lifecycle events.
 
 Decide first, log after (design §5.3): `JournalSink.emit` only puts the record on a bounded
-queue; one writer thread sends it with systemd.journal.send (or to stderr without a
+queue; one writer thread sends it to journald's native socket (or to stderr without a
 journald socket).  A full queue drops the record and counts it -- a decision never waits
 for the journal.  Every MESSAGE_ID is documented in docs/journal.md and systemd/kmodd.catalog.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -21,6 +23,7 @@ from typing import TextIO
 IDENTIFIER = "kmodd"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 BATCH_PAUSE_S = 0.005  # records reach journald at most this much later than decided
+NATIVE_VALUE_MAX = 16 << 10  # per field, only when a record exceeds the datagram limit
 QUEUE_MAX = 8192  # ~1.6 s of the 5,000 decisions/s goal if journald stalls completely
 
 
@@ -60,24 +63,47 @@ class Record:
 Sender = Callable[[Record], None]
 
 
-def journal_sender() -> Sender:
-    """systemd.journal.sendv, imported lazily (~15 ms) only when journald is there.
+def journal_sender(path: str = JOURNAL_SOCKET) -> Sender:
+    """journald's native protocol on a datagram socket of our own (JOURNAL_NATIVE_PROTOCOL).
 
-    sendv, not send: send() fills CODE_FILE/CODE_LINE from traceback.extract_stack, which
-    reads source files and costs ~90 us per record against ~20 us for sendv (measured),
-    and the writer shares the GIL with the thread answering the kernel."""
-    from systemd import journal  # type: ignore[attr-defined]  # noqa: PLC0415
+    Not systemd.journal.sendv: it calls sd_journal_sendv WITHOUT releasing the GIL, and once
+    journald stalls, its socket queue (net.unix.max_dgram_qlen, 10 datagrams here) is full
+    and sendmsg blocks there -- freezing every thread of the daemon, the one answering the
+    kernel included (measured: tests/reliability/test_faults.py, journald SIGSTOPped).
+    socket.sendto releases the GIL: only this writer waits, the bounded queue fills up and
+    records are dropped and counted.  sendto (not connect) follows a restarted journald."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
     def send(record: Record) -> None:
-        journal.sendv(
-            f"MESSAGE={record.message}",
-            f"MESSAGE_ID={record.message_id.value}",
-            f"PRIORITY={int(record.priority)}",
-            f"SYSLOG_IDENTIFIER={IDENTIFIER}",
-            *[f"{key}={value}" for key, value in record.fields.items()],
-        )
+        fields = {
+            "MESSAGE": record.message,
+            "MESSAGE_ID": record.message_id.value,
+            "PRIORITY": str(int(record.priority)),
+            "SYSLOG_IDENTIFIER": IDENTIFIER,
+            **record.fields,
+        }
+        try:
+            sock.sendto(_native(fields, None), path)
+        except OSError as err:
+            if err.errno != errno.EMSGSIZE:
+                raise
+            sock.sendto(_native(fields, NATIVE_VALUE_MAX), path)  # e.g. thousands of errors
 
     return send
+
+
+def _native(fields: Mapping[str, str], limit: int | None) -> bytes:
+    """KEY=value lines; a value with a newline as KEY\\n, 64-bit LE length, value."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "replace")
+        if limit is not None and len(data) > limit:
+            data = data[:limit] + b"... (truncated)"
+        if b"\n" in data:
+            out += key.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
 
 
 def stream_sender(stream: TextIO) -> Sender:
