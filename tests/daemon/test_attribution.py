@@ -292,12 +292,12 @@ def test_events_of_a_name_match_oldest_first(tmp_path: Path) -> None:
 def test_spawned_by_kernel(tmp_path: Path) -> None:
     assert not attribution.spawned_by_kernel(os.getpid())  # pytest's parent is a program
     proc = tmp_path / "proc"
-    for pid, ppid, cmdline in ((10, 2, ""), (2, 0, ""), (11, 10, "x\0")):
+    for pid, ppid, cmdline in ((10, 2, ""), (2, 0, ""), (12, 1, "x\0"), (11, 12, "y\0")):
         (proc / str(pid)).mkdir(parents=True)
         (proc / str(pid) / "status").write_text(f"Name:\tx\nPPid:\t{ppid}\n")
         (proc / str(pid) / "cmdline").write_text(cmdline)
     assert attribution.spawned_by_kernel(10, proc)  # parent kthreadd: the kernel ran it
-    assert not attribution.spawned_by_kernel(11, proc)  # parent 10 has a command line
+    assert not attribution.spawned_by_kernel(11, proc)  # parent 12 has a command line
     assert not attribution.spawned_by_kernel(2, proc)
     assert not attribution.spawned_by_kernel(99, proc)
 
