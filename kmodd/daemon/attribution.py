@@ -30,11 +30,12 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kmodd.daemon.journal import Record
 from kmodd.policy import requester
 from kmodd.policy.requester import RequesterFacts
 
@@ -513,3 +514,14 @@ def unknown_fields(availability: Availability, reason: str | None = None) -> dic
     """The KMODD_REQUESTER field of a decision whose requester is not known."""
     why = reason or availability.reason or "no module_request event matched in time"
     return {requester.F_UNKNOWN: f"unknown: {why}"[:200]}
+
+
+def annotate(record: Record, who: Requester | None, extra: Mapping[str, str]) -> Record:
+    """RECORD (a cached decision record) with this request's requester fields EXTRA and,
+    when known, who asked at the end of its MESSAGE."""
+    if not extra:
+        return record
+    message = record.message
+    if who is not None:
+        message += f" (requested by {who.comm}[{who.pid}] uid {who.uid})"
+    return Record(record.message_id, record.priority, message, {**record.fields, **extra})

@@ -16,6 +16,7 @@ import pytest
 
 from kmodd.daemon import attribution
 from kmodd.daemon.attribution import Attributor, parse_event_line, read_requester, unit_of
+from kmodd.daemon.journal import MessageId, Priority, Record
 from kmodd.policy import requester
 from tests.conftest import root_required
 
@@ -314,3 +315,17 @@ def test_status_has_availability_counters_and_timings(tmp_path: Path) -> None:
     assert attribution.unknown_fields(at.availability())["KMODD_REQUESTER"].startswith(
         "unknown: tracefs is not mounted"
     )
+
+
+def test_annotate_adds_fields_and_names_the_requester() -> None:
+    record = Record(MessageId.DENY, Priority.WARNING, "denied net-pf-5: x", {"KMODD_RULE": "r"})
+    assert attribution.annotate(record, None, {}) is record
+    me = read_requester(os.getpid())
+    assert me is not None
+    out = attribution.annotate(record, me, me.journal_fields())
+    assert out.message == f"denied net-pf-5: x (requested by {me.comm}[{me.pid}] uid {me.uid})"
+    assert out.fields["KMODD_RULE"] == "r"
+    assert out.fields["OBJECT_PID"] == str(me.pid)
+    unknown = attribution.annotate(record, None, {"KMODD_REQUESTER": "unknown: why"})
+    assert unknown.message == record.message
+    assert unknown.fields["KMODD_REQUESTER"] == "unknown: why"
