@@ -262,3 +262,51 @@ class Probe:
         wrong = [a for a in self.answers if a != self._want]
         assert not wrong, f"{len(wrong)}/{len(self.answers)} probes unanswered/wrong: {wrong[:5]}"
         return len(self.answers)
+
+
+@dataclass
+class Hammered:
+    asked: int
+    wrong: list[tuple[bytes, bytes | None]]
+    seconds: float
+
+    @property
+    def per_s(self) -> float:
+        return self.asked / self.seconds if self.seconds else 0.0
+
+
+def hammer(decide_path: str, expected: dict[bytes, bytes], total: int, clients: int) -> Hammered:
+    """TOTAL decide.sock round trips from CLIENTS threads (the helper's own client, 5 s
+    timeout), names cycling through EXPECTED; every answer is checked."""
+    names = sorted(expected)
+    wrong: list[tuple[bytes, bytes | None]] = []
+    lock = threading.Lock()
+    per = total // clients
+
+    def client(offset: int) -> None:
+        bad = []
+        for i in range(per):
+            name = names[(offset + i) % len(names)]
+            got = helper.ask_daemon(decide_path, name, CLIENT_TIMEOUT_S)
+            if got != expected[name]:
+                bad.append((name, got))
+        with lock:
+            wrong.extend(bad)
+
+    threads = [threading.Thread(target=client, args=(n * 7,)) for n in range(clients)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    return Hammered(per * clients, wrong, time.monotonic() - started)
+
+
+def expectations(rel_or_daemon: Daemon, names: list[str]) -> dict[bytes, bytes]:
+    """name -> the decide.sock answer (without newline) the daemon's Explain predicts."""
+    out = {}
+    for name in names:
+        d = rel_or_daemon.call(wire.Method.EXPLAIN, {"name": name, "source": "kernel"})
+        out[name.encode()] = f"{d['effective']} {d['rule']}".encode()
+    return out

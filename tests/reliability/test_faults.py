@@ -1,0 +1,221 @@
+"""Faults: the daemon killed mid-storm, journald stalled or never read, a full runtime file
+system, directories deleted and re-created, depmod rewriting the index, a corrupted
+snapshot, a udev monitor overflow.  Each must be detected, reported and recovered, and the
+kernel's helpers must keep getting the right verdict in time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kmodd import helper, wire
+from tests import journald
+from tests.conftest import root_required
+from tests.daemon.running import HELPER, KERNEL_ENV, Daemon, SystemRoot
+from tests.reliability.conftest import (
+    HELPER_TIMEOUT_S,
+    Tally,
+    expectations,
+    hammer,
+    run_kernel_helper,
+    start_daemon,
+    use_recording_modprobe,
+)
+
+pytestmark = [pytest.mark.reliability, root_required, pytest.mark.root]
+
+# Names whose verdict the snapshot knows (modules and request aliases): the daemon and the
+# snapshot fallback must agree on each.
+STORM = {"algif-aead": 1, "vfat": 1, "algif_aead": 1, "msdos": 0, "dummy": 0, "loop": 0}
+
+
+@pytest.fixture
+def recording(own_root: SystemRoot) -> Path:
+    records = own_root.root.parent / "records"
+    use_recording_modprobe(own_root, records)
+    return records
+
+
+def test_sigkill_during_a_storm_of_50_helpers(
+    own_root: SystemRoot, recording: Path, tally: Tally, tmp_path: Path
+) -> None:
+    sr = own_root
+    daemon = start_daemon(sr, "--no-watch")
+    snapshot = (sr.runtime / helper.SNAPSHOT_FILE).read_bytes()
+    for name, code in STORM.items():  # the snapshot agrees with the policy on every name
+        want = b"d" if code else b"a"
+        found = helper.snapshot_lookup(snapshot, helper.normalize(name).encode())
+        assert found is not None and found[0] == want, name
+    results: list[tuple[str, int, list[str] | None, bool]] = []
+    killed = threading.Event()
+    lock = threading.Lock()
+    names = sorted(STORM)
+
+    def storm(n: int) -> None:
+        for i in range(4):
+            name = names[(n + i) % len(names)]
+            code, record = run_kernel_helper(recording, sr.runtime, name, tmp_path)
+            with lock:
+                results.append((name, code, record, killed.is_set()))
+
+    threads = [threading.Thread(target=storm, args=(n,)) for n in range(50)]
+    try:
+        for t in threads:
+            t.start()
+        while len(results) < 50:  # the daemon answers part of the storm, then dies
+            time.sleep(0.01)
+        assert daemon.proc is not None
+        os.kill(daemon.proc.pid, signal.SIGKILL)
+        killed.set()
+        for t in threads:
+            t.join(120)
+    finally:
+        daemon.stop()
+    assert not any(t.is_alive() for t in threads), "a helper hung"
+    assert len(results) == 200
+    for name, code, record, _after in results:
+        if STORM[name]:
+            assert (code, record) == (1, None), name
+        else:
+            assert (code, record) == (0, ["-q", "--", name]), name
+    after = sum(r[3] for r in results)
+    assert after > 0
+    tally.add("faults.sigkill_storm", 200, after_kill=after, wrong=0, hangs=0)
+
+
+# --- the journal ------------------------------------------------------------------------
+
+NAMES = ["algif-aead", "fs-vfat", "fs-msdos", "net-pf-38", "fs-cramfs", "kmodd-no-such-x"]
+
+
+@pytest.fixture(scope="module")
+def jd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[journald.Journald]:
+    why = journald.available()
+    if why is not None:
+        pytest.skip(why)
+    with journald.running_journald(tmp_path_factory.mktemp("journald")) as instance:
+        yield instance
+
+
+def test_stalled_journald(own_root: SystemRoot, jd: journald.Journald, tally: Tally) -> None:
+    """journald SIGSTOPped: 9,000 decisions are all answered right, the records that do
+    not fit the queue (8,192) are counted as dropped and shown in status; after SIGCONT
+    the journal works again.  (Fewer than journald's RateLimitBurst of 10,000 per 30 s in
+    all, so that its rate limit does not hide the records that follow.)"""
+    daemon = Daemon(own_root, extra=["--no-watch"], wrap=jd.wrap).start()
+    try:
+        expected = expectations(daemon, NAMES)
+        free = hammer(str(own_root.runtime / helper.DECIDE_SOCKET), expected, 500, 10)
+        assert free.wrong == []
+        assert jd._proc is not None
+        os.kill(jd._proc.pid, signal.SIGSTOP)
+        try:
+            stalled = hammer(str(own_root.runtime / helper.DECIDE_SOCKET), expected, 9000, 10)
+            doc = daemon.status()
+        finally:
+            os.kill(jd._proc.pid, signal.SIGCONT)
+        assert stalled.wrong == []
+        lost = doc["journal"]["dropped"] + doc["journal"]["failed"]
+        assert lost > 0, doc["journal"]
+        assert journal_works_again(daemon, jd), "journald never got records again"
+    finally:
+        daemon.stop()
+    tally.add(
+        "faults.journald_stalled",
+        9500,
+        wrong=0,
+        dropped=doc["journal"]["dropped"],
+        failed=doc["journal"]["failed"],
+        free_per_s=round(free.per_s),
+        stalled_per_s=round(stalled.per_s),
+    )
+
+
+def journald_has(request: str) -> Callable[[journald.Record], bool]:
+    return lambda r: r.get("KMODD_REQUEST") == request
+
+
+def journal_works_again(daemon: Daemon, jd: journald.Journald) -> bool:
+    """A cli decision reaches journald (retried: the first ones may meet a full queue)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        marker = f"kmodd-after-sigcont-{int(time.monotonic() * 1000)}"
+        daemon.call(wire.Method.DECIDE, {"name": marker})
+        if jd.wait_for(journald_has(marker), timeout=3):
+            return True
+    return False
+
+
+def test_log_stream_nobody_reads(own_root: SystemRoot, tally: Tally) -> None:
+    """No journald, and the log stream is a pipe nobody reads (it fills after 64 KiB):
+    decisions go on, drops are counted."""
+    daemon = Daemon(own_root, extra=["--no-watch", "--log-stderr"])
+    read_end, write_end = os.pipe()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_"))}
+    daemon.proc = subprocess.Popen(daemon.argv(), stdout=write_end, stderr=write_end, env=env)
+    os.close(write_end)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if daemon.status().get("last_reload") is not None:
+                    break
+            except Exception:  # not listening yet
+                assert time.monotonic() < deadline and daemon.proc.poll() is None
+                time.sleep(0.05)
+        expected = expectations(daemon, NAMES)
+        result = hammer(str(own_root.runtime / helper.DECIDE_SOCKET), expected, 20000, 10)
+        doc = daemon.status()
+    finally:
+        daemon.proc.kill()
+        daemon.proc.wait(30)
+        os.close(read_end)
+    assert result.wrong == []
+    assert doc["journal"]["dropped"] > 0, doc["journal"]
+    tally.add(
+        "faults.log_pipe_unread",
+        20000,
+        wrong=0,
+        dropped=doc["journal"]["dropped"],
+        per_s=round(result.per_s),
+    )
+
+
+def test_helpers_with_stalled_journald_and_no_daemon(
+    own_root: SystemRoot, recording: Path, jd: journald.Journald, tally: Tally
+) -> None:
+    """The daemon down AND journald stalled: every helper logs its fallback to syslog
+    (/dev/log -> the stalled journald).  None may block on that: each one must finish with
+    the snapshot's verdict."""
+    sr = own_root
+    daemon = start_daemon(sr, "--no-watch")
+    daemon.stop()  # leaves the snapshot; decide.sock is gone
+    assert jd._proc is not None
+    os.kill(jd._proc.pid, signal.SIGSTOP)
+    results = []
+    try:
+        for i in range(30):  # /dev/log's queue holds ~10 datagrams: 30 overfill it
+            name = sorted(STORM)[i % len(STORM)]
+            cmd = ["/bin/sh", "-c", 'exec "$@" 0<&- 1>&- 2>&-', "sh", "/usr/bin/python3", "-IS"]
+            env = {**KERNEL_ENV, helper.RUNTIME_DIR_ENV: str(sr.runtime)}
+            proc = subprocess.Popen(jd.wrap([*cmd, str(HELPER), "-q", "--", name]), env=env)
+            try:
+                code = proc.wait(HELPER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                code = None
+            results.append((name, code))
+    finally:
+        os.kill(jd._proc.pid, signal.SIGCONT)
+    hung = [r for r in results if r[1] is None]
+    assert not hung, f"{len(hung)}/{len(results)} helpers blocked on a stalled journald"
+    assert [code for _n, code in results] == [STORM[n] for n, _c in results]
+    tally.add("faults.helper_stalled_syslog", len(results), hangs=0)
