@@ -520,7 +520,8 @@ def test_concurrent_reloads_are_coalesced_and_all_answered(own: tuple[SystemRoot
     for t in threads:
         t.join(200)
     assert len(replies) == 6
-    # One build runs, the requests that arrive meanwhile share the next one.
-    assert gen < min(replies) and max(replies) <= gen + 2
+    # One build runs at a time; the requests that arrive meanwhile share the next one, so
+    # six requests (arriving within one ~2 s build) never cause six builds.
+    assert gen < min(replies) and len(set(replies)) < len(replies)
     assert daemon.generation() == max(replies)
     assert run_helper(sr, "-q", "--", "fs-vfat") == (1, None)
