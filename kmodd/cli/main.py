@@ -19,7 +19,7 @@ from kmodd.errors import InvalidInputError, KmoddError
 
 # Modules that contribute verbs (each exports VERBS: tuple[VerbSpec, ...]).  A missing
 # module leaves its verbs as stubs that say so.
-PLUGIN_MODULES = ("kmodd.cli.online", "kmodd.cli.install")
+PLUGIN_MODULES = ("kmodd.cli.online", "kmodd.cli.install", "kmodd.cli.learning")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -25,6 +25,8 @@ class Verb(StrEnum):
     RELOAD = "reload"
     INSTALL = "install"
     UNINSTALL = "uninstall"
+    GENERATE = "generate"
+    SIMULATE = "simulate"
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
