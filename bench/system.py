@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,7 @@ class Daemon:
         ]
         self.log = r.top / "kmodd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.notify: NotifyListener | None = None
 
     @property
     def pid(self) -> int:
@@ -115,35 +117,29 @@ class Daemon:
         return self.proc.pid
 
     def start(self) -> float:
-        notify = self.r.top / "notify.sock"
-        notify.unlink(missing_ok=True)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.bind(str(notify))
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_"))}
-            env["NOTIFY_SOCKET"] = str(notify)
-            with self.log.open("ab") as log:
-                started = time.perf_counter()
-                self.proc = subprocess.Popen(
-                    self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env
-                )
-            self._wait_ready(sock)
-            return time.perf_counter() - started
+        """Exec the daemon; the seconds until its first READY=1."""
+        self.notify = NotifyListener(self.r.top / "notify.sock")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_"))}
+        env["NOTIFY_SOCKET"] = str(self.notify.path)
+        with self.log.open("ab") as log:
+            started = time.perf_counter()
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env
+            )
+        return self.wait_ready(started) - started
 
-    def _wait_ready(self, sock: socket.socket) -> None:
+    def wait_ready(self, after: float) -> float:
+        """The perf_counter time of the first READY=1 received after AFTER."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
-            assert self.proc is not None
+            assert self.proc is not None and self.notify is not None
+            found = self.notify.ready_after(after, timeout=0.2)
+            if found is not None:
+                return found
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kmodd exited: {self.log.read_text()[-2000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError("kmodd sent no READY=1")
-            sock.settimeout(0.2)
-            try:
-                data = sock.recv(4096)
-            except TimeoutError:
-                continue
-            if b"READY=1" in data.split(b"\n"):
-                return
 
     def status(self) -> dict[str, Any]:
         return client.call(self.r.runtime / helper.CONTROL_SOCKET, wire.Method.STATUS)
@@ -160,14 +156,62 @@ class Daemon:
         raise RuntimeError("no VmRSS")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        finally:
+            if self.notify is not None:
+                self.notify.close()
+                self.notify = None
+
+
+class NotifyListener:
+    """Our NOTIFY_SOCKET, read continuously like PID 1 does: a unix datagram queue holds
+    net.unix.max_dgram_qlen (10) messages, and a reader that stops would make the
+    daemon's notify sends fail.  READY=1 arrives at start and after every reload (once
+    the new generation is swapped in), so its arrival time is the figure, no polling."""
+
+    def __init__(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self._ready: list[float] = []  # perf_counter times of READY=1
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed:
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if b"READY=1" in data.split(b"\n"):
+                with self._cond:
+                    self._ready.append(time.perf_counter())
+                    self._cond.notify_all()
+
+    def ready_after(self, after: float, timeout: float) -> float | None:
+        with self._cond:
+            self._cond.wait_for(lambda: any(t > after for t in self._ready), timeout)
+            return next((t for t in self._ready if t > after), None)
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(2)
+        self._sock.close()
+        self.path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
