@@ -8,8 +8,10 @@ behind; the core keeps serving the last good generation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,11 +163,31 @@ def _rendered_denials(enforcement: str) -> dict[str, str]:
 
 def publish(gen: Generation) -> Generation:
     """Write the enforcement file and the snapshot atomically, then check (with a fresh
-    context that sees exactly what modprobe sees) which modprobe.d lines conflict."""
+    context that sees exactly what modprobe sees) which modprobe.d lines conflict.
+
+    Both or neither: when the snapshot cannot be written (a full runtime dir), the previous
+    enforcement file is put back, so the published files keep describing the generation
+    that still decides."""
+    previous = _read_nofollow(gen.paths.enforcement_file)
     write_atomic(gen.paths.enforcement_file, gen.enforcement.encode(), create_dir=True)
-    write_atomic(gen.paths.snapshot, gen.snapshot, mode=0o600)  # the helper runs as root
+    try:
+        write_atomic(gen.paths.snapshot, gen.snapshot, mode=0o600)  # the helper runs as root
+    except BaseException:
+        if previous is not None:
+            with contextlib.suppress(OSError, KmoddError):
+                write_atomic(gen.paths.enforcement_file, previous)
+        raise
     conflicts = find_conflicts(gen.paths, _rendered_denials(gen.enforcement))
     return dataclasses.replace(gen, conflicts=tuple(conflicts))
+
+
+def _read_nofollow(path: Path) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
 
 
 def find_conflicts(paths: Paths, denials: dict[str, str]) -> list[Conflict]:
