@@ -5,6 +5,7 @@ kernel's helpers must keep getting the right verdict in time."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from kmodd import helper, wire
+from kmodd.cli import client
 from tests import journald
 from tests.conftest import root_required
 from tests.daemon.running import HELPER, KERNEL_ENV, Daemon, SystemRoot
 from tests.reliability.conftest import (
     HELPER_TIMEOUT_S,
+    POLICY,
     Tally,
     expectations,
     hammer,
@@ -219,3 +222,94 @@ def test_helpers_with_stalled_journald_and_no_daemon(
     assert not hung, f"{len(hung)}/{len(results)} helpers blocked on a stalled journald"
     assert [code for _n, code in results] == [STORM[n] for n, _c in results]
     tally.add("faults.helper_stalled_syslog", len(results), hangs=0)
+
+
+# --- a full runtime file system ---------------------------------------------------------
+
+_TINY_FS = r"""
+set -e
+mount --make-rprivate /
+mount -t tmpfs -o size=1m,mode=755 tmpfs "$1"
+mount -t tmpfs -o size=256k,mode=755 tmpfs "$2"
+shift 2
+exec "$@"
+"""
+DENY_MSDOS = POLICY + "  - id: no-msdos\n    action: deny\n    match: {module: [msdos]}\n"
+DENY_LOOP = POLICY + "  - id: no-loop\n    action: deny\n    match: {module: [loop]}\n"
+
+
+def start_in_mount_namespace(sr: SystemRoot) -> Daemon:
+    """The daemon in a private mount namespace with a 1 MiB tmpfs on its runtime dir and a
+    256 KiB one on ROOT/run/modprobe.d; the test reaches both through /proc/PID/root."""
+    sr.runtime.mkdir(mode=0o755)
+    modprobe_d = sr.root / "run/modprobe.d"
+    modprobe_d.mkdir(parents=True, exist_ok=True)
+    daemon = Daemon(sr, extra=["--no-watch", "--log-stderr"])
+    argv = ["unshare", "-m", "--", "sh", "-c", _TINY_FS, "sh", str(sr.runtime), str(modprobe_d)]
+    with daemon.log.open("ab") as log:
+        daemon.proc = subprocess.Popen([*argv, *daemon.argv()], stdout=log, stderr=log)
+    inside = Path(f"/proc/{daemon.proc.pid}/root")
+    sr.runtime = inside / str(sr.runtime).lstrip("/")
+    sr.root = inside / str(sr.root).lstrip("/")  # enforcement file seen from inside
+    deadline = time.monotonic() + 90
+    while True:
+        assert daemon.proc.poll() is None, daemon.log.read_text()[-2000:]
+        with contextlib.suppress(client.DaemonNotRunningError):
+            if daemon.status()["last_reload"] is not None:
+                return daemon
+        assert time.monotonic() < deadline, "kmodd did not come up"
+        time.sleep(0.05)
+
+
+def fill(directory: Path) -> Path:
+    """Fill DIRECTORY's file system to the last byte."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for size in (1 << 16, 1 << 10, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _reload_error(daemon: Daemon) -> list[str]:
+    try:
+        daemon.call(wire.Method.RELOAD)
+    except wire.RemoteError as err:
+        return [str(e) for e in err.parameters["errors"]]
+    return []
+
+
+@pytest.mark.parametrize("full", ["runtime dir", "run/modprobe.d"])
+def test_full_file_system_keeps_the_previous_generation(
+    own_root: SystemRoot, tally: Tally, full: str
+) -> None:
+    sr = own_root
+    daemon = start_in_mount_namespace(sr)
+    try:
+        assert daemon.generation() == 1
+        snapshot_path = sr.runtime / helper.SNAPSHOT_FILE
+        before = (snapshot_path.read_bytes(), sr.enforcement.read_bytes())
+        filler = fill(sr.runtime if full == "runtime dir" else sr.enforcement.parent)
+        sr.write_policy(DENY_MSDOS)
+        errors = _reload_error(daemon)
+        assert any("No space left" in e for e in errors), errors
+        assert daemon.generation() == 1
+        # Nothing half-written, nothing torn, nothing left behind, and the published files
+        # still describe the generation that decides.
+        assert (snapshot_path.read_bytes(), sr.enforcement.read_bytes()) == before
+        leftovers = [p.name for d in (sr.runtime, sr.enforcement.parent) for p in d.iterdir()]
+        assert not [n for n in leftovers if n.endswith(".tmp")], leftovers
+        decide = str(sr.runtime / helper.DECIDE_SOCKET)
+        assert helper.ask_daemon(decide, b"msdos", 5.0) == b"allow default"
+        filler.unlink()
+        assert _reload_error(daemon) == []
+        assert daemon.generation() == 2
+        assert helper.ask_daemon(decide, b"msdos", 5.0) == b"deny no-msdos"
+        assert b"install msdos " in sr.enforcement.read_bytes()
+    finally:
+        daemon.stop()
+    tally.add("faults.full_fs", 1, kept_generation=1, torn=0)
