@@ -26,6 +26,7 @@ from kmodd.daemon.generation import BuildOptions
 from kmodd.daemon.journal import JournalSink, Priority, default_sender, stream_sender
 from kmodd.daemon.modprobe_path import PROC_MODPROBE, ModprobePath, static_usermodehelper
 from kmodd.daemon.notify import Notifier
+from kmodd.daemon.relay import NotifyRelay
 from kmodd.daemon.server import Kind, Server, activated_sockets, bind_unix, prepare_runtime_dir
 from kmodd.errors import KmoddError
 from kmodd.paths import Paths, make_paths
@@ -207,8 +208,10 @@ def run(args: argparse.Namespace) -> int:
         deny_stub=args.deny_stub or f"{args.helper_path} --deny",
         cmdline=Path(args.cmdline),
     )
-    core = Core(paths, options, sink, Edges(notifier=Notifier(), reassert=args.reassert))
-    cleanup: Cleanup = [sink.stop, core.close]
+    relay = NotifyRelay(Notifier())
+    relay.start()
+    core = Core(paths, options, sink, Edges(notifier=relay, reassert=args.reassert))
+    cleanup: Cleanup = [sink.stop, relay.stop, core.close]
     try:
         server = Server(_listeners(paths, gid, cleanup), core, status_gid=gid)
         cleanup.append(server.close)

@@ -202,6 +202,8 @@ def status(core: Core) -> dict[str, Any]:
         },
         "journal": {"dropped": core.sink.dropped, "failed": core.sink.failed},
         "server": {"refused_over_limit": core.server_overflows},
+        # sd_notify messages the relay dropped because the manager stopped reading
+        "notify": {"dropped": int(getattr(core.edges.notifier, "dropped", 0))},
         "kernel_modprobe": _kernel_modprobe(core),
         "enforcement_file": str(core.paths.enforcement_file),
         "snapshot": str(core.paths.snapshot),

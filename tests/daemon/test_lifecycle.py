@@ -16,7 +16,7 @@ import pytest
 from kmodd import wire
 from kmodd.daemon.modprobe_path import PREVIOUS_FILE
 from tests.conftest import root_required
-from tests.daemon.running import HELPER, Daemon, SystemRoot, make_root
+from tests.daemon.running import HELPER, Daemon, SystemRoot, make_root, run_helper
 from tests.kerneltree import KernelTree
 
 pytestmark = [root_required, pytest.mark.root]
@@ -173,3 +173,26 @@ def test_tamper_without_reassert_shows_in_status(sr: SystemRoot) -> None:
         assert sysctl.read_text() == "/tmp/evil\n"
     finally:
         daemon.stop()
+
+
+def test_a_manager_that_stops_reading_never_stalls_the_daemon(sr: SystemRoot) -> None:
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deaf.bind(str(sr.root.parent / "deaf.sock"))  # bound, never read: 10 datagrams fill it
+    daemon = Daemon(
+        sr,
+        extra=["--no-watch"],
+        env={"NOTIFY_SOCKET": str(sr.root.parent / "deaf.sock"), "WATCHDOG_USEC": "100000"},
+    )
+    try:
+        daemon.start()
+        # The relay fills up behind the deaf socket (pings every 50 ms) and drops.
+        daemon.wait_status(lambda d: d["notify"]["dropped"] > 0)
+        gen = daemon.generation()
+        assert gen is not None
+        assert daemon.call(wire.Method.RELOAD)["generation"] == gen + 1
+        assert run_helper(sr, "-q", "--", "algif-aead") == (1, None)
+        assert daemon.status()["decisions"]["sources"] == {"kernel": 1}
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+        deaf.close()
