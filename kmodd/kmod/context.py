@@ -151,6 +151,8 @@ class KmodContext:
         if cached is not None:
             return cached
         resolution = self._resolve(name)
+        if self._cache_size <= 0:  # caching disabled
+            return resolution
         if len(self._cache) >= self._cache_size:
             del self._cache[next(iter(self._cache))]
         self._cache[name] = resolution

@@ -161,6 +161,14 @@ def test_cache_is_bounded(tiny_tree: TinyTree, tmp_path: Path) -> None:
         assert len(c._cache) == 3
 
 
+def test_cache_size_zero_disables_caching(tiny_tree: TinyTree, tmp_path: Path) -> None:
+    write_conf(tmp_path, "test.conf", "")
+    with KmodContext(tiny_tree.root, tiny_tree.release, config_paths=[tmp_path], cache_size=0) as c:
+        first = c.resolve("loop")
+        assert c.resolve("loop") == first
+        assert c._cache == {}
+
+
 def test_validate_sees_config_dir_changes(tiny_tree: TinyTree, tmp_path: Path) -> None:
     with _ctx(tiny_tree, tmp_path) as ctx:
         assert ctx.validate() is libkmod.Resources.OK
