@@ -81,7 +81,10 @@ class Notifier:
             return False
         payload = "\n".join(assignments).encode("utf-8", "replace")
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Non-blocking: a manager that stops reading (its queue holds few datagrams)
+            # must cost us a counted failure, never a frozen daemon.
+            kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            with socket.socket(socket.AF_UNIX, kind) as sock:
                 sock.sendto(payload, _address(self.socket_path))
         except OSError:
             self.failures += 1

@@ -45,7 +45,7 @@ class ServerError(KmoddError):
 
 
 class Kind(StrEnum):
-    DECIDE = "decide"  # also the FileDescriptorName= in kmodd.socket
+    DECIDE = "decide"  # also the FileDescriptorName= in kmodd-decide.socket
     CONTROL = "control"
 
 
@@ -137,7 +137,8 @@ def bind_unix(path: Path, mode: int, gid: int | None) -> socket.socket:
 
 
 def activated_sockets(env: dict[str, str] | None = None) -> dict[Kind, socket.socket]:
-    """sd_listen_fds(3) with names: fds from kmodd.socket, keyed by FileDescriptorName."""
+    """sd_listen_fds(3) with names: fds from kmodd-decide.socket and
+    kmodd-control.socket, keyed by FileDescriptorName."""
     env = os.environ if env is None else env  # type: ignore[assignment]
     assert env is not None
     if env.get("LISTEN_PID") != str(os.getpid()) or not env.get("LISTEN_FDS", "").isdigit():
