@@ -110,6 +110,8 @@ def logical_lines(data: str) -> Iterator[tuple[int, str]]:
                     lineno += 1
                 else:
                     buf.append(data[i])
+            else:  # a dangling backslash at EOF: kmod 30 stores getc()'s EOF (-1) as 0xff
+                buf.append("\udcff")  # (os.fsdecode's spelling of byte 0xff)
         else:
             buf.append(ch)
         i += 1
@@ -165,7 +167,8 @@ def read_file(path: Path) -> tuple[list[ConfigLine], list[BadLine]]:
     if len(data) > MAX_FILE_BYTES:
         return lines, [BadLine(str(path), 0, f"larger than {MAX_FILE_BYTES} bytes: not read")]
     for lineno, text in logical_lines(os.fsdecode(data)):
-        parsed = parse_line(str(path), lineno, text)
+        # kmod parses each line as a C string: whatever follows a NUL byte is not there.
+        parsed = parse_line(str(path), lineno, text.partition("\0")[0])
         if isinstance(parsed, ConfigLine):
             lines.append(parsed)
         elif isinstance(parsed, BadLine):
