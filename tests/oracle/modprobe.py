@@ -50,7 +50,12 @@ class Oracle:
 
     def _batch(self, flag: str, names: Sequence[str]) -> list[tuple[str, ...]]:
         proc = subprocess.run(
-            self._argv(flag, names), capture_output=True, text=True, check=False, timeout=120
+            self._argv(flag, names),
+            capture_output=True,
+            text=True,
+            errors="surrogateescape",  # config bytes reach the output as they are
+            check=False,
+            timeout=120,
         )
         sep = _SEP_R if flag == "-R" else _SEP_D
         chunks: list[tuple[str, ...]] = []
@@ -79,7 +84,13 @@ class Oracle:
         argv = ["modprobe", "-q", flag, "-d", str(self.root), "-S", self.release]
         for path in self.config:
             argv += ["-C", path]
-        proc = subprocess.run([*argv, "--", name], capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [*argv, "--", name],
+            capture_output=True,
+            text=True,
+            errors="surrogateescape",
+            check=False,
+        )
         return tuple(proc.stdout.split("\n")[:-1])
 
 
