@@ -23,6 +23,7 @@ from typing import Protocol
 
 from kmodd import helper, wire
 from kmodd.daemon import records
+from kmodd.daemon.atomic import write_atomic
 from kmodd.daemon.events import (
     Event,
     FilesChanged,
@@ -43,6 +44,7 @@ from kmodd.daemon.generation import (
 )
 from kmodd.daemon.journal import JournalSink, Priority, Record
 from kmodd.daemon.server import Kind, Peer, Server
+from kmodd.errors import KmoddError
 from kmodd.paths import Paths
 from kmodd.policy.engine import Decision
 from kmodd.policy.types import Mode, Source, Verdict
@@ -422,10 +424,31 @@ class Core:
                     mp.install()
                     state = mp.check()
             self.tamper = state
+        self._check_snapshot()
         line = self.status_line()
         if line != self._last_status:  # the manager's queue is finite: no repeats
             self._last_status = line
             self.edges.notifier.status(line)
+
+    def _check_snapshot(self) -> None:
+        """The snapshot must hold what this generation wrote: the helper ignores a torn or
+        corrupted one as a whole (and then falls back to plain modprobe), so anything else
+        is rewritten and reported.  Costs one ~100 KB read per tick when all is well.
+        Not while a build runs: its publish may already have written the next snapshot."""
+        gen = self.generation
+        if gen is None or self._building:
+            return
+        path = self.paths.snapshot
+        try:
+            rewritten = write_atomic(path, gen.snapshot, mode=0o600)
+        except (OSError, KmoddError) as err:
+            self.sink.emit(
+                records.notice(f"cannot restore the snapshot {path}: {err}", Priority.ERR)
+            )
+            return
+        if rewritten:
+            text = f"snapshot {path} did not hold generation {gen.number}: rewritten"
+            self.sink.emit(records.notice(text, Priority.WARNING))
 
     def status_line(self) -> str:
         gen = self.generation
