@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,9 +23,12 @@ from kmodd.cli import client
 from tests import journald
 from tests.conftest import root_required
 from tests.daemon.running import HELPER, KERNEL_ENV, Daemon, SystemRoot
+from tests.kerneltree import KernelTree
+from tests.kmod.conftest import COPIED_INDEXES, TINY_MODULES
 from tests.reliability.conftest import (
     HELPER_TIMEOUT_S,
     POLICY,
+    Rel,
     Tally,
     expectations,
     hammer,
@@ -313,3 +318,109 @@ def test_full_file_system_keeps_the_previous_generation(
     finally:
         daemon.stop()
     tally.add("faults.full_fs", 1, kept_generation=1, torn=0)
+
+
+# --- files changing under the daemon ----------------------------------------------------
+
+
+def wait_generation(daemon: Daemon, after: int) -> dict[str, Any]:
+    """The status once a generation newer than AFTER is live (the watcher noticed)."""
+    return daemon.wait_status(
+        lambda d: d["generation"] is not None and d["generation"]["number"] > after, timeout=30
+    )
+
+
+def test_dirs_deleted_and_recreated(own_root: SystemRoot, tally: Tally) -> None:
+    sr = own_root
+    conf_dir = sr.root / "etc/modprobe.d"
+    (conf_dir / "50-alias.conf").write_text("alias kmodd-test-alias vfat\n")
+    daemon = start_daemon(sr)  # watching
+    decide = str(sr.runtime / helper.DECIDE_SOCKET)
+    steps = 0
+    try:
+        assert helper.ask_daemon(decide, b"kmodd-test-alias", 5.0) == b"deny no-vfat"
+        for directory, probe, without in (
+            (conf_dir, b"kmodd-test-alias", b"allow default"),
+            (sr.policy_dir, b"algif-aead", b"allow default"),
+        ):
+            saved = {p.name: p.read_bytes() for p in directory.iterdir()}
+            gen = daemon.generation()
+            assert gen is not None
+            with_it = helper.ask_daemon(decide, probe, 5.0)
+            shutil.rmtree(directory)
+            doc = wait_generation(daemon, gen)
+            assert doc["last_reload"]["cause"].startswith("watch"), doc["last_reload"]
+            assert helper.ask_daemon(decide, probe, 5.0) == without
+            directory.mkdir()
+            for name, data in saved.items():
+                (directory / name).write_bytes(data)
+            wait_generation(daemon, gen + 1)
+            assert helper.ask_daemon(decide, probe, 5.0) == with_it
+            steps += 2
+    finally:
+        daemon.stop()
+    tally.add("faults.dirs_deleted_recreated", steps, recovered=steps)
+
+
+def tiny_module_dir(sr: SystemRoot, tree: KernelTree, modules: tuple[str, ...]) -> Path:
+    """ROOT/lib/modules/REL as a real directory with MODULES (tests/kmod's tiny tree)."""
+    moddir = sr.root / "lib/modules" / tree.release
+    moddir.unlink()  # make_root's symlink to the shared tree: never depmod that one
+    for rel in modules:
+        dest = moddir / "kernel" / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tree.module_dir / "kernel" / rel, dest)
+    for name in COPIED_INDEXES:
+        shutil.copyfile(tree.module_dir / name, moddir / name)
+    depmod(sr, tree, modules)
+    return moddir
+
+
+def depmod(sr: SystemRoot, tree: KernelTree, modules: tuple[str, ...]) -> None:
+    moddir = sr.root / "lib/modules" / tree.release
+    (moddir / "modules.order").write_text("".join(f"kernel/{m}\n" for m in modules))
+    subprocess.run(["depmod", "-b", str(sr.root), tree.release], check=True, timeout=60)
+
+
+def test_depmod_while_running(own_root: SystemRoot, kernel_tree: KernelTree, tally: Tally) -> None:
+    sr = own_root
+    without_vfat = tuple(m for m in TINY_MODULES if not m.endswith("/vfat.ko"))
+    moddir = tiny_module_dir(sr, kernel_tree, without_vfat)
+    daemon = start_daemon(sr)
+    decide = str(sr.runtime / helper.DECIDE_SOCKET)
+    try:
+        assert helper.ask_daemon(decide, b"fs-vfat", 5.0) == b"allow default"  # no vfat.ko
+        gen = daemon.generation()
+        assert gen is not None
+        dep_inode = (moddir / "modules.dep").stat().st_ino
+        shutil.copyfile(
+            kernel_tree.module_dir / "kernel/fs/fat/vfat.ko", moddir / "kernel/fs/fat/vfat.ko"
+        )
+        depmod(sr, kernel_tree, TINY_MODULES)  # rewrites modules.* by rename
+        assert (moddir / "modules.dep").stat().st_ino != dep_inode
+        doc = wait_generation(daemon, gen)
+        assert "modules." in doc["last_reload"]["cause"], doc["last_reload"]
+        assert helper.ask_daemon(decide, b"fs-vfat", 5.0) == b"deny no-vfat"
+    finally:
+        daemon.stop()
+    tally.add("faults.depmod_while_running", 1, recovered=1)
+
+
+def test_corrupted_snapshot_is_detected_and_rewritten(rel: Rel, tally: Tally) -> None:
+    """Torn, truncated or foreign snapshots are never trusted by the helper, and the daemon
+    notices within a tick or two, says so, and writes its generation's snapshot back."""
+    path = rel.sr.runtime / helper.SNAPSHOT_FILE
+    good = path.read_bytes()
+    corruptions = {
+        "truncated": good[: len(good) // 2],
+        "garbage": b"\x00\xff" * 1000,
+    }
+    for what, data in corruptions.items():
+        path.write_bytes(data)  # in place, not atomic: a real corruption
+        assert helper.read_snapshot(str(path)) is None, what
+        deadline = time.monotonic() + 20  # TICK_S is 5 s
+        while path.read_bytes() != good:
+            assert time.monotonic() < deadline, f"{what}: snapshot never rewritten"
+            time.sleep(0.1)
+    assert "snapshot" in rel.daemon.log.read_text()
+    tally.add("faults.corrupted_snapshot", len(corruptions), recovered=len(corruptions))
