@@ -191,7 +191,7 @@ def s5_daemon_killed(guest: Guest) -> dict[str, Any]:
     denied = trigger.open_socket(AF_ATMPVC, socket.SOCK_DGRAM)
     timings["denied_s"] = round(time.monotonic() - started, 2)
     started = time.monotonic()
-    allowed = trigger.open_socket(trigger.AF_KEY, socket.SOCK_RAW)
+    allowed = trigger.open_socket(trigger.AF_KEY, socket.SOCK_RAW, trigger.PF_KEY_V2)
     timings["allowed_s"] = round(time.monotonic() - started, 2)
     helper = wait_records(since, lambda r: r.get("SYSLOG_IDENTIFIER") == "kmodd-modprobe", count=2)
     return {
@@ -221,9 +221,9 @@ def demo_run(guest: Guest) -> dict[str, Any]:
     asks.append(
         {
             "who": "root",
-            "what": "socket(AF_KEY, SOCK_RAW)",
+            "what": "socket(AF_KEY, SOCK_RAW, PF_KEY_V2)",
             "request": "net-pf-15",
-            "syscall": trigger.open_socket(trigger.AF_KEY, socket.SOCK_RAW),
+            "syscall": trigger.open_socket(trigger.AF_KEY, socket.SOCK_RAW, trigger.PF_KEY_V2),
         }
     )
     nobody = as_nobody("alg:aead:gcm(aes)")

@@ -2,7 +2,7 @@
 
 Stdlib only, runnable as a file (`/usr/bin/python3 -IS tests/vm/trigger.py SPEC...`) so an
 unprivileged user started by setpriv can run it, and importable by the guest runner.
-Each SPEC is `socket:FAMILY:TYPE` or `alg:KIND:NAME`; prints one JSON object: the uid and
+Each SPEC is `socket:FAMILY:TYPE[:PROTO]` or `alg:KIND:NAME`; prints one JSON object: the uid and
 gid it ran as, and the outcome of each SPEC.
 """
 
@@ -21,6 +21,7 @@ AF_X25 = 9
 AF_KEY = 15
 AF_PPPOX = 24
 AF_ALG = 38
+PF_KEY_V2 = 2  # the only protocol AF_KEY accepts
 
 
 def _failed(err: OSError) -> dict[str, Any]:
@@ -28,10 +29,11 @@ def _failed(err: OSError) -> dict[str, Any]:
     return {"ok": False, "errno": code, "error": errno.errorcode.get(code, str(code))}
 
 
-def open_socket(family: int, kind: int) -> dict[str, Any]:
-    """socket(FAMILY, KIND): an unloaded family makes the kernel ask for net-pf-FAMILY."""
+def open_socket(family: int, kind: int, proto: int = 0) -> dict[str, Any]:
+    """socket(FAMILY, KIND, PROTO): an unloaded family makes the kernel ask for
+    net-pf-FAMILY (before the family checks KIND, PROTO or the caller's privileges)."""
     try:
-        socket.socket(family, kind).close()
+        socket.socket(family, kind, proto).close()
     except OSError as err:
         return _failed(err)
     return {"ok": True}
@@ -51,7 +53,8 @@ def run_spec(spec: str) -> dict[str, Any]:
     what, _, rest = spec.partition(":")
     first, _, second = rest.partition(":")
     if what == "socket":
-        outcome = open_socket(int(first), int(second))
+        second, _, proto = second.partition(":")
+        outcome = open_socket(int(first), int(second), int(proto or 0))
     elif what == "alg":
         outcome = bind_alg(first, second)
     else:

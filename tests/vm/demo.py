@@ -1,0 +1,131 @@
+"""`make demo`: boot Debian's kernel with kmodd as its modprobe helper and show decisions.
+
+One boot (tests/vm/scenarios.py, plan `demo`): the files `kmodctl install` writes, the
+sysctl drop-in pointing kernel.modprobe at the helper, a journald and the daemon with the
+shipped baseline; then a few autoloads, allowed and denied, one from an unprivileged user,
+and a root `modprobe` of a denied module.  Prints what was asked, what kmodd decided and
+why, what the kernel did, the journal lines and `kmodctl status`.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import time
+from typing import Any
+
+from tests.kerneltree import KernelTreeError, ensure_kernel_tree
+from tests.vm.harness import VMError, VMResult, boot_plan
+
+WIDTH = 78
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def rule(title: str) -> None:
+    say()
+    say(f"== {title} " + "=" * max(0, WIDTH - len(title) - 4))
+
+
+def progress(line: str) -> None:
+    """Echo the guest's step markers while it runs (the boot is the slow part)."""
+    if line.startswith("kmodd-vm:"):
+        say("   " + line.rstrip())
+
+
+def syscall_text(outcome: dict[str, Any]) -> str:
+    if outcome.get("ok"):
+        return "succeeded"
+    if "errno" in outcome:
+        code = outcome["errno"]
+        return f"failed: {errno.errorcode.get(code, code)} ({code})"
+    return f"failed: {outcome.get('stderr') or outcome}"
+
+
+def decision_text(records: list[dict[str, Any]], request: str | None) -> list[str]:
+    found = [
+        r
+        for r in records
+        if r.get("SYSLOG_IDENTIFIER") == "kmodd" and r.get("KMODD_REQUEST") == request
+    ]
+    if request is None:
+        found = []
+    lines = []
+    for r in found:
+        lines.append(
+            f"kmodd:   {r.get('KMODD_VERDICT', '?').upper()} by rule "
+            f"{r.get('KMODD_RULE')} (mode {r.get('KMODD_MODE')}, "
+            f"generation {r.get('KMODD_POLICY_GENERATION')})"
+        )
+        lines.append(f"         load set: {r.get('KMODD_MODULES', '')}")
+        lines.append(f"         why: {r.get('KMODD_REASON', '')}")
+    return lines or ["kmodd:   (no daemon decision: kmod itself ran the deny stub)"]
+
+
+def show_asks(data: dict[str, Any]) -> None:
+    records = data["journal"]
+    modules = set(data["modules"])
+    for ask in data["asks"]:
+        rule(f"{ask['who']}: {ask['what']}")
+        if ask["request"]:
+            say(f'kernel:  request_module("{ask["request"]}") -> exec kmodd-modprobe')
+        for line in decision_text(records, ask["request"]):
+            say(line)
+        say(f"result:  {syscall_text(ask['syscall'])}")
+    rule("what the kernel has loaded now (of the modules asked for)")
+    for name in ("af_key", "xfrm_algo", "algif_aead", "hfsplus"):
+        say(f"  {name:12} {'loaded' if name in modules else 'not loaded'}")
+
+
+def show_journal(records: list[dict[str, Any]]) -> None:
+    rule("journalctl -t kmodd -t kmodd-modprobe")
+    for r in records:
+        stamp = time.strftime("%H:%M:%S", time.gmtime(int(r.get("__REALTIME_TIMESTAMP", 0)) / 1e6))
+        fields = " ".join(
+            f"{k}={r[k]}" for k in ("KMODD_VERDICT", "KMODD_RULE", "KMODD_SOURCE") if k in r
+        )
+        say(f"{stamp} {r.get('SYSLOG_IDENTIFIER')}: {r.get('MESSAGE')}  {fields}".rstrip())
+
+
+def report(run: VMResult) -> int:
+    setup = run.results.get("setup", {})
+    demo = run.results.get("demo", {})
+    if not setup.get("ok") or not demo.get("ok"):
+        say(run.tail(80))
+        say(setup.get("error") or demo.get("error") or "the guest wrote no results")
+        return 1
+    data = setup["data"]
+    rule("set-up inside the VM")
+    say(f"kernel.modprobe = {data['kernel_modprobe']}  (sysctl drop-in from kmodctl install)")
+    say(f"kmodd ready after {data['start_s']} s with the shipped baseline policy")
+    show_asks(demo["data"])
+    show_journal(demo["data"]["journal"])
+    rule("kmodctl status")
+    say(demo["data"]["status_text"].rstrip())
+    return 0
+
+
+def main() -> int:
+    try:
+        tree = ensure_kernel_tree()
+    except KernelTreeError as err:
+        say(f"demo: no kernel tree: {err}")
+        return 1
+    say(f"Booting Debian's kernel {tree.release} under qemu (TCG, no KVM here) with kmodd")
+    say("as its modprobe helper; this machine's userspace is shared read-only.")
+    started = time.monotonic()
+    try:
+        run = boot_plan("demo", timeout_s=900, echo=progress)
+    except VMError as err:
+        say(f"demo: {err}")
+        return 1
+    status = report(run)
+    say()
+    say(f"(whole demo: {time.monotonic() - started:.0f} s, VM exit status {run.returncode})")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
