@@ -98,6 +98,41 @@ def test_sigkill_during_a_storm_of_50_helpers(
     tally.add("faults.sigkill_storm", 200, after_kill=after, wrong=0, hangs=0)
 
 
+def test_stopped_daemon_costs_each_helper_only_its_timeout(
+    own_root: SystemRoot, recording: Path, tally: Tally, tmp_path: Path
+) -> None:
+    """SIGSTOPped (hung, not dead: its sockets still accept): 50 concurrent helpers each
+    give up after DECIDE_TIMEOUT_S and take the snapshot's verdict; none hangs."""
+    sr = own_root
+    daemon = start_daemon(sr, "--no-watch")
+    assert daemon.proc is not None
+    names = sorted(STORM)
+    results: list[tuple[str, int, list[str] | None]] = []
+    lock = threading.Lock()
+
+    def one(n: int) -> None:
+        name = names[n % len(names)]
+        code, record = run_kernel_helper(recording, sr.runtime, name, tmp_path)
+        with lock:
+            results.append((name, code, record))
+
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+        daemon.stop()
+    assert not any(t.is_alive() for t in threads), "a helper hung"
+    assert len(results) == 50
+    for name, code, record in results:
+        assert (code, record) == ((1, None) if STORM[name] else (0, ["-q", "--", name])), name
+    tally.add("faults.sigstop_daemon", 50, wrong=0, hangs=0)
+
+
 # --- the journal ------------------------------------------------------------------------
 
 NAMES = ["algif-aead", "fs-vfat", "fs-msdos", "net-pf-38", "fs-cramfs", "kmodd-no-such-x"]
