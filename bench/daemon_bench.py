@@ -85,12 +85,16 @@ def startup_figures(make: Callable[[], Daemon], runs: int) -> tuple[list[Figure]
     seconds: list[float] = []
     rss: list[float] = []
     daemon = make()
-    for i in range(runs):
-        if i:
-            daemon.stop()
-            daemon = make()
-        seconds.append(daemon.start() * 1000)
-        rss.append(daemon.rss_mb())
+    try:
+        for i in range(runs):
+            if i:
+                daemon.stop()
+                daemon = make()
+            seconds.append(daemon.start() * 1000)
+            rss.append(daemon.rss_mb())
+    except BaseException:
+        daemon.stop()  # never leave a daemon behind (a start that timed out, ^C)
+        raise
     return [
         import_figure(max(3, runs)),
         summary(
