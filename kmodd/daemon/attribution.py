@@ -435,6 +435,10 @@ class Attributor:
         self.matched += 1
         return requester
 
+    def kernel_spawned(self, pid: int) -> bool:
+        """PID (a decide.sock peer) was started by the kernel (see spawned_by_kernel)."""
+        return spawned_by_kernel(pid, self._proc)
+
     def counters(self) -> dict[str, int]:
         return {
             "events": self.events,
