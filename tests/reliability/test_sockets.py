@@ -110,7 +110,13 @@ def test_oversized_frames(rel: Rel, tally: Tally) -> None:
     growth = rss_kib(rel.pid) - before
     # One 1 MiB frame buffer may be kept by the allocator, 16 MiB must never be.
     assert growth < 8 * 1024, f"RSS grew by {growth} KiB"
-    tally.add("sockets.oversized", 2, rss_growth_kib=growth, probes=len(probe.answers))
+    tally.add(
+        "sockets.oversized",
+        2,
+        rss_growth_kib=growth,
+        probes=len(probe.answers),
+        worst_ms=round(probe.worst_s * 1000, 1),
+    )
 
 
 def _hold(path: str, count: int, send: bytes, half_close: bool) -> list[socket.socket]:
@@ -143,7 +149,12 @@ def test_half_open_and_idle_clients(rel: Rel, tally: Tally) -> None:
                 s.close()
     probe.check()
     assert _wait_fds(rel, fds) == fds
-    tally.add("sockets.half_open_idle", len(held), probes=len(probe.answers))
+    tally.add(
+        "sockets.half_open_idle",
+        len(held),
+        probes=len(probe.answers),
+        worst_ms=round(probe.worst_s * 1000, 1),
+    )
 
 
 def test_very_slow_clients(rel: Rel, tally: Tally) -> None:
@@ -177,7 +188,12 @@ def test_very_slow_clients(rel: Rel, tally: Tally) -> None:
     # decide: cut at the 1 s deadline, before the line is complete (39 bytes x 50 ms);
     # control: 44 bytes x 50 ms = 2.2 s, well inside 30 s: answered.
     assert sum(a.startswith(b'{"parameters"') for a in answers) == 10, answers
-    tally.add("sockets.slow_clients", len(jobs), probes=len(probe.answers))
+    tally.add(
+        "sockets.slow_clients",
+        len(jobs),
+        probes=len(probe.answers),
+        worst_ms=round(probe.worst_s * 1000, 1),
+    )
 
 
 def test_many_connections_at_once(rel: Rel, tally: Tally) -> None:
@@ -204,7 +220,13 @@ def test_many_connections_at_once(rel: Rel, tally: Tally) -> None:
             s.close()
     probe.check()
     assert results == [b"deny no-vfat"] * 400
-    tally.add("sockets.many_connections", 700, answered=len(results), probes=len(probe.answers))
+    tally.add(
+        "sockets.many_connections",
+        700,
+        answered=len(results),
+        probes=len(probe.answers),
+        worst_ms=round(probe.worst_s * 1000, 1),
+    )
 
 
 _HOG = """
@@ -229,4 +251,9 @@ def test_status_group_cannot_starve_decisions(rel: Rel, tally: Tally) -> None:
         time.sleep(2.0)  # the hog holds its connections for 4 s
         hog.join(30)
     probe.check()
-    tally.add("sockets.status_group_hog", 600, probes=len(probe.answers))
+    tally.add(
+        "sockets.status_group_hog",
+        600,
+        probes=len(probe.answers),
+        worst_ms=round(probe.worst_s * 1000, 1),
+    )
