@@ -77,7 +77,9 @@ def test_sigkill_during_a_storm_of_50_helpers(
     try:
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 120
         while len(results) < 50:  # the daemon answers part of the storm, then dies
+            assert time.monotonic() < deadline, "the storm never got going"
             time.sleep(0.01)
         assert daemon.proc is not None
         os.kill(daemon.proc.pid, signal.SIGKILL)
@@ -148,10 +150,11 @@ def jd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[journald.Journald]:
 
 
 def test_stalled_journald(own_root: SystemRoot, jd: journald.Journald, tally: Tally) -> None:
-    """journald SIGSTOPped: 9,000 decisions are all answered right, the records that do
-    not fit the queue (8,192) are counted as dropped and shown in status; after SIGCONT
-    the journal works again.  (Fewer than journald's RateLimitBurst of 10,000 per 30 s in
-    all, so that its rate limit does not hide the records that follow.)"""
+    """journald SIGSTOPped: 9,500 decisions are all answered right, the records that fit
+    neither the queue (8,192) nor journald's socket (net.unix.max_dgram_qlen: 10 here,
+    512 by default) are counted as dropped and shown in status; after SIGCONT the journal
+    works again.  (Fewer records than journald's RateLimitBurst of 10,000 per 30 s reach
+    it, so that its rate limit does not hide the records that follow.)"""
     daemon = Daemon(own_root, extra=["--no-watch"], wrap=jd.wrap).start()
     try:
         expected = expectations(daemon, NAMES)
@@ -160,7 +163,7 @@ def test_stalled_journald(own_root: SystemRoot, jd: journald.Journald, tally: Ta
         assert jd._proc is not None
         os.kill(jd._proc.pid, signal.SIGSTOP)
         try:
-            stalled = hammer(str(own_root.runtime / helper.DECIDE_SOCKET), expected, 9000, 10)
+            stalled = hammer(str(own_root.runtime / helper.DECIDE_SOCKET), expected, 9500, 10)
             doc = daemon.status()
         finally:
             os.kill(jd._proc.pid, signal.SIGCONT)
@@ -172,7 +175,7 @@ def test_stalled_journald(own_root: SystemRoot, jd: journald.Journald, tally: Ta
         daemon.stop()
     tally.add(
         "faults.journald_stalled",
-        9500,
+        10000,
         wrong=0,
         dropped=doc["journal"]["dropped"],
         failed=doc["journal"]["failed"],
@@ -358,6 +361,15 @@ def test_full_file_system_keeps_the_previous_generation(
 # --- files changing under the daemon ----------------------------------------------------
 
 
+def wait_answer(decide: str, name: bytes, want: bytes, timeout: float = 30.0) -> None:
+    """NAME gets WANT from decide.sock (the watcher may need more than one generation to
+    see a burst of changes: a directory first, then its files)."""
+    deadline = time.monotonic() + timeout
+    while (got := helper.ask_daemon(decide, name, 5.0)) != want:
+        assert time.monotonic() < deadline, (name, got, want)
+        time.sleep(0.05)
+
+
 def wait_generation(daemon: Daemon, after: int) -> dict[str, Any]:
     """The status once a generation newer than AFTER is live (the watcher noticed)."""
     return daemon.wait_status(
@@ -382,15 +394,15 @@ def test_dirs_deleted_and_recreated(own_root: SystemRoot, tally: Tally) -> None:
             gen = daemon.generation()
             assert gen is not None
             with_it = helper.ask_daemon(decide, probe, 5.0)
+            assert with_it is not None
             shutil.rmtree(directory)
             doc = wait_generation(daemon, gen)
             assert doc["last_reload"]["cause"].startswith("watch"), doc["last_reload"]
-            assert helper.ask_daemon(decide, probe, 5.0) == without
+            wait_answer(decide, probe, without)
             directory.mkdir()
             for name, data in saved.items():
                 (directory / name).write_bytes(data)
-            wait_generation(daemon, gen + 1)
-            assert helper.ask_daemon(decide, probe, 5.0) == with_it
+            wait_answer(decide, probe, with_it)
             steps += 2
     finally:
         daemon.stop()
@@ -435,7 +447,7 @@ def test_depmod_while_running(own_root: SystemRoot, kernel_tree: KernelTree, tal
         assert (moddir / "modules.dep").stat().st_ino != dep_inode
         doc = wait_generation(daemon, gen)
         assert "modules." in doc["last_reload"]["cause"], doc["last_reload"]
-        assert helper.ask_daemon(decide, b"fs-vfat", 5.0) == b"deny no-vfat"
+        wait_answer(decide, b"fs-vfat", b"deny no-vfat")
     finally:
         daemon.stop()
     tally.add("faults.depmod_while_running", 1, recovered=1)
