@@ -42,7 +42,7 @@ DAEMON_READY_S = 420.0
 STEP_S = 480.0
 SETUP_S = 540.0
 CMD_S = 60.0
-JOURNAL_WAIT_S = 30.0
+JOURNAL_WAIT_S = 60.0
 
 Record = dict[str, Any]
 
@@ -195,7 +195,11 @@ def slim(rec: Record) -> Record:
 
 
 def wait_records(
-    since_us: int, pred: Callable[[Record], bool], *, count: int = 1, timeout: float = 30
+    since_us: int,
+    pred: Callable[[Record], bool],
+    *,
+    count: int = 1,
+    timeout: float = JOURNAL_WAIT_S,
 ) -> list[Record]:
     """All records since SINCE_US once COUNT of them match PRED, or all at the deadline."""
     deadline = time.monotonic() + timeout
