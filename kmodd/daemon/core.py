@@ -421,7 +421,7 @@ class Core:
                 reassert = self.edges.reassert and state.current is not None
                 self.sink.emit(records.tamper(state.expected, state.current, reassert))
                 if reassert:
-                    mp.install()
+                    self._reassert(mp)
                     state = mp.check()
             self.tamper = state
         self._check_snapshot()
@@ -429,6 +429,15 @@ class Core:
         if line != self._last_status:  # the manager's queue is finite: no repeats
             self._last_status = line
             self.edges.notifier.status(line)
+
+    def _reassert(self, mp: ModprobePathLike) -> None:
+        # The helper may have been removed or the write refused: that is news for the
+        # journal and status, never a reason for the core loop to die.
+        try:
+            mp.install()
+        except KmoddError as err:
+            text = f"cannot re-assert kernel.modprobe: {err.message}"
+            self.sink.emit(records.notice(text, Priority.ERR))
 
     def _check_snapshot(self) -> None:
         """The snapshot must hold what this generation wrote: the helper ignores a torn or

@@ -196,3 +196,37 @@ def test_a_manager_that_stops_reading_never_stalls_the_daemon(sr: SystemRoot) ->
     finally:
         daemon.stop()
         deaf.close()
+
+
+def test_failed_reassert_is_reported_and_the_daemon_keeps_running(sr: SystemRoot) -> None:
+    sysctl = sr.root.parent / "kernel.modprobe"
+    sysctl.write_text("/sbin/modprobe\n")
+    helper_path = installed_helper(sr)
+    daemon = Daemon(
+        sr,
+        extra=[
+            "--no-watch",
+            "--modprobe-sysctl",
+            str(sysctl),
+            "--reassert",
+            "--helper-path",
+            str(helper_path),
+        ],
+        env={"WATCHDOG_USEC": "400000"},
+    )
+    try:
+        daemon.start()
+        assert sysctl.read_text().strip() == str(helper_path)
+        helper_path.unlink()  # re-asserting now fails: the helper is gone
+        sysctl.write_text("/tmp/evil\n")
+        doc = daemon.wait_status(lambda d: d["kernel_modprobe"]["points_at_helper"] is False)
+        assert doc["kernel_modprobe"]["current"] == "/tmp/evil"
+        # Still serving: a later status shows the same tamper state, the process is alive.
+        deadline = time.monotonic() + 30
+        while "cannot re-assert kernel.modprobe" not in daemon.log.read_text():
+            assert time.monotonic() < deadline, "the failed re-assert was not logged"
+            time.sleep(0.05)
+        daemon.wait_status(lambda d: d["kernel_modprobe"]["current"] == "/tmp/evil")
+        assert daemon.proc is not None and daemon.proc.poll() is None
+    finally:
+        daemon.stop()
