@@ -4,7 +4,8 @@ The service manager reads NOTIFY_SOCKET datagrams; a unix datagram socket queues
 net.unix.max_dgram_qlen (10 by default) unread messages, after which a send blocks.  A
 manager that stops reading (hung PID 1, a test harness that only waited for READY=1)
 must not freeze the core, which answers the kernel: the core hands each message to this
-relay and goes on.  Order is kept (one thread); a full relay drops and counts.  If the
+relay and goes on.  Order is kept (one thread); a full relay, or a datagram the
+manager's full queue refuses, is dropped and counted.  If the
 core itself hangs it stops handing over WATCHDOG=1, so the watchdog still catches it.
 """
 
@@ -49,7 +50,10 @@ class NotifyRelay:
 
     def _run(self) -> None:
         while (send := self._queue.get()) is not None:
-            send()
+            # The notifier's socket is non-blocking: a manager that stopped reading makes
+            # the send fail (EAGAIN) rather than wait; that is a drop too.
+            if send() is False:
+                self.dropped += 1
 
     def ready(self, status: str) -> bool:
         return self._hand_over(lambda: self._notifier.ready(status))
