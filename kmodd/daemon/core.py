@@ -386,6 +386,9 @@ class Core:
         return d
 
     def _udev(self, device: UdevDevice) -> None:
+        if device.action == "remove":  # gone: no longer a device needing a denied module
+            self.devices.pop(device.devpath, None)
+            return
         if not device.modalias:
             return
         if device.devpath not in self.devices and len(self.devices) >= DEVICES_MAX:

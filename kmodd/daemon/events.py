@@ -26,9 +26,10 @@ class FilesChanged:
 
 @dataclass(frozen=True, slots=True)
 class UdevDevice:
-    """A device that wants a module: an `add` uevent or a coldplugged device."""
+    """A device that wants a module (an `add` uevent or a coldplugged device), or one that
+    went away (`remove`: only devpath is set)."""
 
-    action: str  # "add", or "coldplug"
+    action: str  # "add", "coldplug" or "remove"
     devpath: str
     subsystem: str
     modalias: str

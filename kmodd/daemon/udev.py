@@ -59,7 +59,15 @@ def printable(value: str, limit: int) -> str:
 def device_from_properties(
     action: str | None, props: Mapping[str, str], *, coldplug: bool = False
 ) -> UdevDevice | None:
-    """Pure: the UdevDevice for an `add` (or coldplugged) device with a usable MODALIAS."""
+    """Pure: the UdevDevice for an `add` (or coldplugged) device with a usable MODALIAS,
+    or a `remove` (so the core forgets the device; its modalias may be empty)."""
+    if not coldplug and action == "remove":
+        devpath = printable(props.get("DEVPATH") or "", FIELD_MAX)
+        return (
+            UdevDevice(action="remove", devpath=devpath, subsystem="", modalias="")
+            if devpath
+            else None
+        )
     if not coldplug and action != "add":
         return None
     raw = props.get("MODALIAS") or ""

@@ -229,6 +229,12 @@ def test_real_uevent_is_decided_and_logged_with_source_udev(
         assert r["KMODD_VERDICT"] == "deny" and r["KMODD_RULE"] == "no-vmclock-test"
         assert r["KMODD_SUBSYSTEM"] == device.subsystem
         assert r["MESSAGE_ID"] == MessageId.DENY.value
+        # A remove uevent: the device no longer needs anything, status forgets it.
+        device.trigger("remove")
+        doc = daemon.wait_status(
+            lambda d: device.devpath not in {x["devpath"] for x in d["devices_denied"]}
+        )
+        device.trigger("add")  # what every other listener last heard: the device is there
     finally:
         if daemon.proc is not None:
             daemon.stop()

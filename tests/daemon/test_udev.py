@@ -32,10 +32,11 @@ class SysDevice:
     subsystem: str
     modalias: str
 
-    def trigger(self) -> str:
-        """Send a synthetic `add` uevent; returns its UUID."""
+    def trigger(self, action: str = "add") -> str:
+        """Send a synthetic uevent (`add`, or `remove`: only a message, the kernel keeps
+        the device); returns its UUID."""
         tag = str(uuid.uuid4())
-        (self.sys_path / "uevent").write_text(f"add {tag}\n")
+        (self.sys_path / "uevent").write_text(f"{action} {tag}\n")
         return tag
 
 
@@ -194,9 +195,15 @@ def test_add_with_modalias() -> None:
                              "pci:v00001AF4d00001044", 42)  # fmt: skip
 
 
-@pytest.mark.parametrize("action", ["change", "remove", "bind", None, ""])
-def test_only_add_events_count(action: str | None) -> None:
+@pytest.mark.parametrize("action", ["change", "bind", None, ""])
+def test_only_add_and_remove_events_count(action: str | None) -> None:
     assert device_from_properties(action, props(MODALIAS="pci:x")) is None
+
+
+def test_remove_names_only_the_device() -> None:
+    got = device_from_properties("remove", props(MODALIAS="pci:x"))
+    assert got == UdevDevice("remove", "/devices/pci0000:00/0000:00:05.0", "", "")
+    assert device_from_properties("remove", {"MODALIAS": "pci:x"}) is None  # no devpath
 
 
 @pytest.mark.parametrize(
