@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from pathlib import Path
 from kmodd import helper
 from kmodd.daemon.atomic import write_atomic
 from kmodd.errors import InvalidInputError, KmoddError
-from kmodd.kmod.context import KmodContext, config_dirs
+from kmodd.kmod.context import KmodContext, config_dirs, config_key, index_key
+from kmodd.kmod.model import Resolution
 from kmodd.kmod.provenance import Provenance
 from kmodd.paths import ENFORCEMENT_FILE, Paths
 from kmodd.policy import compiler, engine
@@ -110,14 +112,86 @@ def read_mode_override(cmdline: Path) -> Mode | None:
     return engine.mode_override(text)
 
 
+def _config_paths(paths: Paths) -> tuple[str, ...]:
+    return (str(paths.runtime_dir / MASK_DIR), *config_dirs(paths.root))
+
+
 def _decision_context(paths: Paths) -> KmodContext:
     """A libkmod context that sees every modprobe.d file except our own enforcement file
-    (an empty file of the same basename in a dir listed first masks it, as kmod's
+    (_write_mask first: an empty file of the same basename in a dir listed first masks it, as kmod's
     first-basename-wins rule says): decisions must see the real module graph, not the
     install stubs of the previous generation."""
+    return KmodContext.from_paths(paths, config_paths=_config_paths(paths))
+
+
+def _write_mask(paths: Paths) -> None:
     mask = paths.runtime_dir / MASK_DIR
     write_atomic(mask / Path(ENFORCEMENT_FILE).name, b"", create_dir=True)
-    return KmodContext.from_paths(paths, config_paths=(str(mask), *config_dirs(paths.root)))
+
+
+# --- resolutions kept from one build to the next -----------------------------------------
+#
+# Resolving the ~4,700 snapshot names through libkmod is about half of a build, and a
+# policy edit does not change what a name resolves to: only modprobe.d or the module
+# tree (depmod) does.  So the last build's resolutions are kept, keyed by a digest of
+# the modprobe.d files (kmod's view, content included: libkmod itself only notices dir
+# mtimes) and the identity of every index file, taken BEFORE the build opens its
+# context: a change that races the build makes the key differ next time, never the
+# reverse.  Plain data, not the libkmod context: that one belongs to the core thread
+# while the builder runs.
+RESOLUTIONS_MAX = 32_768  # the snapshot's names plus the policy's exact request names
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolutions:
+    key: tuple[object, ...]
+    by_name: dict[str, Resolution]
+
+
+_kept: _Resolutions | None = None
+_kept_lock = threading.Lock()
+
+
+def _resolution_key(paths: Paths) -> tuple[object, ...] | None:
+    config = config_key(_config_paths(paths))
+    tree = index_key(paths.root / "lib/modules" / paths.release)
+    return None if config is None or tree is None else (config, tree)
+
+
+class _Resolver:
+    """The context for the compiler, answering resolve() from the kept resolutions."""
+
+    def __init__(self, ctx: KmodContext, known: dict[str, Resolution]) -> None:
+        self.ctx = ctx
+        self.known = known  # a copy: grows with what this build resolves
+
+    def resolve(self, name: str) -> Resolution:
+        found = self.known.get(name)
+        if found is None:
+            found = self.known[name] = self.ctx.resolve(name)
+        return found
+
+    def module_names(self) -> tuple[str, ...]:
+        return self.ctx.module_names()
+
+    def alias_patterns(self) -> tuple[tuple[str, str], ...]:
+        return self.ctx.alias_patterns()
+
+    def config_aliases(self) -> tuple[tuple[str, str], ...]:
+        return self.ctx.config_aliases()
+
+
+def _kept_for(key: tuple[object, ...] | None) -> dict[str, Resolution]:
+    with _kept_lock:
+        kept = _kept
+    return dict(kept.by_name) if key is not None and kept is not None and kept.key == key else {}
+
+
+def _keep(key: tuple[object, ...] | None, by_name: dict[str, Resolution]) -> None:
+    global _kept  # noqa: PLW0603 -- one slot per process, see above
+    if key is not None and len(by_name) <= RESOLUTIONS_MAX:
+        with _kept_lock:
+            _kept = _Resolutions(key, by_name)
 
 
 def build_generation(number: int, paths: Paths, options: BuildOptions) -> Generation:
@@ -125,17 +199,21 @@ def build_generation(number: int, paths: Paths, options: BuildOptions) -> Genera
     policy = load_policy(paths)
     override = read_mode_override(options.cmdline)
     compiled = engine.compile_policy(policy, mode=override)
+    _write_mask(paths)
+    key = _resolution_key(paths)
     ctx = _decision_context(paths)
+    tree = _Resolver(ctx, _kept_for(key))
     try:
-        enforcement = compiler.render_enforcement(compiled, ctx, deny_stub=options.deny_stub)
+        enforcement = compiler.render_enforcement(compiled, tree, deny_stub=options.deny_stub)
         digest = hashlib.sha256()
         for part in (policy.hash, compiled.mode.value, enforcement):
             digest.update(part.encode() + b"\0")
         content_hash = digest.hexdigest()
-        snapshot = compiler.render_snapshot(compiled, ctx, engine.decide, number, options.modprobe)
+        snapshot = compiler.render_snapshot(compiled, tree, engine.decide, number, options.modprobe)
     except BaseException:
         ctx.close()
         raise
+    _keep(key, tree.known)
     return Generation(
         number=number,
         hash=content_hash,

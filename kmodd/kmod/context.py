@@ -26,7 +26,9 @@ the Debian tree: ~0.2 s) when a new context is opened.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +43,11 @@ from kmodd.paths import MODPROBE_D_DIRS, Paths
 MAX_NAME_BYTES = 4096
 DEFAULT_CACHE_SIZE = 4096
 _INFO_FIELDS = ("description", "license", "signer", "alias", "depends", "softdep")
+# The alias index of the last tree asked about, keyed by index_key(): dumping and
+# splitting modules.alias.bin (~30,000 lines) costs ~0.1-0.3 s, and every generation
+# build needs it, but it only changes when depmod runs (which renames a new file in).
+_alias_memo: tuple[tuple[object, ...], tuple[tuple[str, str], ...]] | None = None
+_alias_lock = threading.Lock()
 
 
 class ModuleTreeError(libkmod.LibkmodError):
@@ -238,9 +245,25 @@ class KmodContext:
         return tuple(sorted({line.split(" ", 1)[0] for line in dump.splitlines() if line}))
 
     def alias_patterns(self) -> tuple[tuple[str, str], ...]:
-        """(pattern, module) of modules.alias.bin (normalized keys, index order)."""
+        """(pattern, module) of modules.alias.bin (normalized keys, index order).
+
+        Memoized per tree across contexts (the same tuple object while the index file is
+        the same: see index_key); two contexts on one tree share it."""
+        global _alias_memo  # noqa: PLW0603 -- one slot per process, see _alias_memo
+        key = self.index_key("modules.alias.bin")
+        with _alias_lock:
+            memo = _alias_memo
+        if key is not None and memo is not None and memo[0] == key:
+            return memo[1]
         dump = libkmod.dump_index(self.ctx, libkmod.Index.MODULES_ALIAS)
-        return tuple(_pairs(dump, prefix="alias "))
+        patterns = tuple(_pairs(dump, prefix="alias "))
+        if key is not None and self.index_key("modules.alias.bin") == key:
+            with _alias_lock:
+                _alias_memo = (key, patterns)
+        return patterns
+
+    def index_key(self, *names: str) -> tuple[object, ...] | None:
+        return index_key(self.module_dir, *names)
 
     def builtin_alias_patterns(self) -> tuple[tuple[str, str], ...]:
         """(alias, module) of modules.builtin.alias.bin (aliases of built-in code)."""
@@ -274,6 +297,51 @@ class KmodContext:
         if self._blacklist is None:
             self._blacklist = frozenset(self.config_blacklists())
         return self._blacklist
+
+
+def index_key(module_dir: Path, *names: str) -> tuple[object, ...] | None:
+    """What identifies the content of the index files NAMES of MODULE_DIR (default: every
+    modules.* file) without reading them: path, device, inode, size and mtime of each.
+    depmod writes each index to a temp file and renames it in, so a new index always has
+    a new inode.  None when one cannot be stat'ed."""
+    if not names:
+        try:
+            found = (p.name for p in module_dir.iterdir())
+            names = tuple(sorted(n for n in found if n.startswith("modules.")))
+        except OSError:
+            return None
+    key: list[object] = [str(module_dir)]
+    for name in names:
+        try:
+            st = (module_dir / name).stat()
+        except OSError:
+            return None
+        key.append((name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(key)
+
+
+def config_key(config_paths: Sequence[str | Path]) -> str | None:
+    """A digest of the modprobe.d files CONFIG_PATHS give kmod (first basename wins, as
+    kmod reads them; every name counts, not only *.conf): libkmod's validate only
+    notices a changed directory mtime, not a file edited in place.  Reading the ~20
+    small files costs well under a millisecond.  None when one cannot be read."""
+    digest = hashlib.sha256()
+    seen: set[str] = set()
+    for config in map(Path, config_paths):
+        try:
+            files = sorted(config.iterdir()) if config.is_dir() else [config]
+        except OSError:
+            return None
+        for file in files:
+            if file.name in seen or not file.exists():  # a missing path gives kmod nothing
+                continue
+            seen.add(file.name)
+            try:
+                data = file.read_bytes()
+            except OSError:
+                return None
+            digest.update(f"{file}\0{len(data)}\0".encode(errors="surrogateescape") + data)
+    return digest.hexdigest()
 
 
 def _step(action: libkmod.Action) -> LoadStep | None:

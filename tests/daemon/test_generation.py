@@ -1,0 +1,119 @@
+"""Generation builds in-process on the real Debian tree: what one build keeps for the next
+(resolutions, the alias index) must never outlive a modprobe.d or module tree change."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmodd import helper
+from kmodd.daemon.generation import BuildOptions, Generation, build_generation
+from kmodd.kmod.context import KmodContext
+from kmodd.kmod.model import Resolution
+from kmodd.paths import Paths, make_paths
+from kmodd.policy.types import Source, Verdict
+from tests.daemon.running import BASE_POLICY, SystemRoot, make_root
+from tests.kerneltree import KernelTree
+
+DENY_VFAT = BASE_POLICY.replace("module: [algif_aead]", "module: [algif_aead, vfat]")
+
+
+@pytest.fixture
+def sr(kernel_tree: KernelTree) -> Iterator[SystemRoot]:
+    root = make_root(kernel_tree)
+    yield root
+    shutil.rmtree(root.root.parent, ignore_errors=True)
+
+
+def build(sr: SystemRoot, number: int) -> Generation:
+    paths: Paths = make_paths(str(sr.root), sr.release, str(sr.runtime))
+    paths.runtime_dir.mkdir(exist_ok=True)
+    return build_generation(number, paths, BuildOptions(cmdline=sr.cmdline))
+
+
+def snapshot_row(gen: Generation, key: str) -> str | None:
+    for line in gen.snapshot.decode().splitlines():
+        if line.startswith(f"{key} "):
+            return line
+    return None
+
+
+class CountingResolve:
+    """KmodContext.resolve, counted (the libkmod work a build does)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = KmodContext.resolve
+
+        def counted(ctx: KmodContext, name: str) -> Resolution:
+            self.calls += 1
+            return real(ctx, name)
+
+        monkeypatch.setattr(KmodContext, "resolve", counted)
+
+
+def test_policy_only_rebuild_reuses_resolutions(
+    sr: SystemRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = CountingResolve(monkeypatch)
+    first = build(sr, 1)
+    cold = counter.calls
+    first.close()
+    sr.write_policy(DENY_VFAT)
+    second = build(sr, 2)
+    try:
+        assert cold > 4000  # every snapshot name resolved once
+        assert counter.calls - cold < 10  # a policy edit: no name resolved again
+        assert snapshot_row(second, "vfat") == "vfat d copy-fail"
+        assert second.decide("vfat", Source.KERNEL).verdict is Verdict.DENY
+    finally:
+        second.close()
+
+
+@pytest.mark.parametrize("how", ["in_place", "new_file"])
+def test_modprobe_d_edit_after_a_reuse_is_seen(sr: SystemRoot, how: str) -> None:
+    """A softdep changes what an already resolved name loads.  In place: the directory
+    mtime stays, which libkmod's own validate does not notice."""
+    conf = sr.root / "etc/modprobe.d/local.conf"
+    if how == "in_place":
+        conf.write_text("# nothing yet\n")
+    build(sr, 1).close()
+    sr.write_policy(BASE_POLICY + "# edited\n")
+    reused = build(sr, 2)  # policy only: resolutions reused
+    assert snapshot_row(reused, "vfat") == "vfat a default"
+    reused.close()
+    with conf.open("w") as handle:  # the same inode when it exists
+        handle.write("softdep vfat pre: algif_aead\n")
+    seen = build(sr, 3)
+    try:
+        assert snapshot_row(seen, "vfat") == "vfat d copy-fail"
+        decision = seen.decide("vfat", Source.KERNEL)
+        assert "algif_aead" in decision.load_set
+        assert decision.verdict is Verdict.DENY
+    finally:
+        seen.close()
+
+
+def test_module_tree_change_is_seen(
+    sr: SystemRoot, kernel_tree: KernelTree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """depmod renames new index files in: a tree whose modules.* differ is resolved anew."""
+    build(sr, 1).close()
+    tree = sr.root / "lib/modules" / sr.release
+    tree.unlink()  # the symlink to the shared tree: copy the indexes, link the rest
+    tree.mkdir()
+    for entry in Path(kernel_tree.module_dir).iterdir():
+        if entry.name.startswith("modules."):
+            shutil.copy2(entry, tree / entry.name)
+        else:
+            (tree / entry.name).symlink_to(entry)
+    counter = CountingResolve(monkeypatch)
+    gen = build(sr, 2)
+    try:
+        assert counter.calls > 4000
+        assert snapshot_row(gen, helper.normalize("algif-aead")) == "algif_aead d copy-fail"
+    finally:
+        gen.close()
