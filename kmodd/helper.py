@@ -11,7 +11,9 @@ the rendered /run/modprobe.d file still blocks denied modules.
 Rules for this file (see docs/protocol.md):
 - stdlib only, imports nothing from kmodd; everything else imports its constants;
 - start-up is the cost: `python3 -IS -c pass` is ~6 ms here, `import socket` adds ~6 ms
-  (enum, selectors), `_socket` adds ~0.1 ms; so module level imports only builtins.
+  (enum, selectors), `_socket` adds ~0.1 ms; so module level imports only builtins;
+- this script also pays for compiling its own source on every exec (a script never gets a
+  .pyc: ~0.14 ms per KB), so keep it small.
 """
 
 import _socket
@@ -323,4 +325,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    # os._exit, not sys.exit: tearing the interpreter down costs ~3 ms CPU per run, a fifth
+    # of the whole helper (make bench, docs/benchmarks.md), and nothing needs flushing:
+    # fds 0-2 are /dev/null and every log line is sent synchronously.
+    os._exit(main(sys.argv))
