@@ -321,6 +321,10 @@ def install(prefix: Path, *, bindir: Path, python: Path, dry_run: bool = False) 
         FileSpec(MANIFEST, (json.dumps(asdict(manifest), indent=1) + "\n").encode(), 0o644)
     )
     steps: list[Step] = []
+    if not prefix.exists():  # like DESTDIR: a fresh staging dir is fine
+        if not dry_run:
+            prefix.mkdir(mode=0o755, parents=True)
+        steps.append(Step(Action.CREATED, str(prefix)))
     for spec in specs:
         _install_file(prefix, spec, dry_run, steps)
     for stale in sorted(set(old.files) - set(wanted)):

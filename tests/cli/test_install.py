@@ -290,3 +290,10 @@ def test_kmodctl_entry_point_installs(prefix: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("dry run:")
+
+
+def test_install_creates_a_missing_prefix(tmp_path: Path) -> None:
+    prefix = tmp_path / "stage" / "root"
+    steps = install(prefix, bindir=BINDIR, python=PYTHON)
+    assert (prefix / "usr/local/libexec/kmodd/kmodd-modprobe").is_file()
+    assert steps[0].path == str(prefix)
