@@ -94,7 +94,14 @@ def module_verdict(policy: CompiledPolicy, module: str) -> tuple[Verdict, str] |
 
 
 def _conditional(rule: CompiledRule) -> bool:
-    return rule.requests is not None or rule.classes is not None or rule.sources is not None
+    """The rule holds only for some requests (a requester key: only for some requesters,
+    which modprobe.d cannot tell apart)."""
+    return (
+        rule.requests is not None
+        or rule.classes is not None
+        or rule.sources is not None
+        or rule.requester is not None
+    )
 
 
 def exact_request_aliases(tree: ModuleTree) -> tuple[str, ...]:

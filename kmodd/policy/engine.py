@@ -4,7 +4,8 @@ Semantics (docs/policy.md "How a decision is made" is the user-facing copy):
 
 1. The request name is normalized as kmod does ('-' → '_' outside [...]) and classified
    (kmodd.policy.requests).  A rule *applies to the request* when each of its `request`,
-   `class` and `source` keys that is present matches.
+   `class`, `source` and `requester` keys that is present matches (a `requester` key
+   never matches when the requester is unknown).
 2. The subjects are the load set (resolved modules, hard deps, softdeps, in load order)
    followed by any resolved module not in it (e.g. skipped by a blacklist line): a deny
    rule on a module must hold even when modprobe would skip it today.
@@ -32,11 +33,12 @@ from typing import TYPE_CHECKING
 
 from kmodd.helper import normalize
 from kmodd.kmod.model import Resolution
+from kmodd.policy.requester import RequesterFacts, RequesterMatcher
 from kmodd.policy.requests import RequestClass, classify
 from kmodd.policy.types import Mode, Source, Verdict
 
 if TYPE_CHECKING:
-    from kmodd.policy.model import PolicySet
+    from kmodd.policy.model import PolicySet, RequesterMatch
 
 DEFAULT_RULE = "default"
 # Distinct module names a generation remembers rule matches for.  A tree has ~6,000
@@ -88,10 +90,20 @@ class CompiledRule:
     requests: Globs | None
     classes: frozenset[RequestClass] | None
     sources: frozenset[Source] | None
+    requester: RequesterMatcher | None = None
 
-    def applies(self, norm: str, klass: RequestClass, source: Source) -> bool:
-        """The request-level keys (request, class, source) all match."""
+    def applies(
+        self,
+        norm: str,
+        klass: RequestClass,
+        source: Source,
+        requester: RequesterFacts | None = None,
+    ) -> bool:
+        """The request-level keys (request, class, source, requester) all match; a
+        requester key never matches an unknown requester (None)."""
         if self.sources is not None and source not in self.sources:
+            return False
+        if self.requester is not None and not self.requester.matches(requester):
             return False
         if self.classes is not None and klass not in self.classes:
             return False
@@ -126,6 +138,23 @@ class CompiledPolicy:
     def default_info(self) -> RuleInfo:
         return RuleInfo(DEFAULT_RULE, self.default)
 
+    @functools.cached_property
+    def uses_requester(self) -> bool:
+        """Some rule tests the requester: decisions then depend on who asked."""
+        return any(rule.requester is not None for rule in self.rules)
+
+
+def _requester(match: RequesterMatch | None) -> RequesterMatcher | None:
+    if match is None:
+        return None
+    return RequesterMatcher.compile(
+        uid=match.uid,
+        gid=match.gid,
+        unprivileged=match.unprivileged,
+        unit=match.unit,
+        container=match.container,
+    )
+
 
 def compile_policy(ps: PolicySet, *, mode: Mode | None = None) -> CompiledPolicy:
     """Compile PS once per generation.  MODE overrides the policy's (kernel cmdline)."""
@@ -146,6 +175,7 @@ def compile_policy(ps: PolicySet, *, mode: Mode | None = None) -> CompiledPolicy
                 requests=Globs.compile(match.request) if match.request else None,
                 classes=frozenset(match.class_) if match.class_ else None,
                 sources=frozenset(match.source) if match.source else None,
+                requester=_requester(match.requester),
             )
         )
     return CompiledPolicy(
@@ -159,10 +189,12 @@ def compile_policy(ps: PolicySet, *, mode: Mode | None = None) -> CompiledPolicy
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A request to decide: the raw name and who asked (a requester may come later)."""
+    """A request to decide: the raw name, where it came from and, when attribution knew,
+    the task that triggered it (kmodd.daemon.attribution)."""
 
     name: str
     source: Source = Source.KERNEL
+    requester: RequesterFacts | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +256,9 @@ def decide(request: Request, resolution: Resolution, policy: CompiledPolicy) -> 
     norm = normalize(request.name)
     klass = classify(request.name)
     candidates = [
-        i for i, rule in enumerate(policy.rules) if rule.applies(norm, klass, request.source)
+        i
+        for i, rule in enumerate(policy.rules)
+        if rule.applies(norm, klass, request.source, request.requester)
     ]
     subjects: tuple[str | None, ...] = _subjects(resolution) or (None,)
     trace = []

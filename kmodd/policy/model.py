@@ -33,6 +33,7 @@ __all__ = [
     "PolicyFile",
     "PolicySet",
     "PolicySource",
+    "RequesterMatch",
     "Rule",
     "Source",
     "glob_problem",
@@ -93,6 +94,46 @@ class _Strict(BaseModel):
     )
 
 
+UnitGlob = Annotated[
+    str,
+    Field(min_length=1, max_length=GLOB_MAX, pattern=r"^[!-~]+$"),
+]
+Id = Annotated[int, Field(ge=0, le=4294967294)]
+
+
+class RequesterMatch(_Strict):
+    """Who triggered a kernel autoload (docs/attribution.md).  Every key given must match
+    (AND); a list matches if any item does.  A rule with a requester key never matches a
+    request whose requester is unknown (udev and kmodctl requests, or no attribution)."""
+
+    uid: list[Id] | None = Field(default=None, min_length=1)
+    """Real uids, as the initial user namespace sees them.  Example: [0, 1000]"""
+
+    gid: list[Id] | None = Field(default=None, min_length=1)
+    """Real gid or any supplementary group.  Example: [27]"""
+
+    unprivileged: bool | None = None
+    """true: the real uid is not 0 (as grsecurity MODHARDEN: a set-uid-root program run by
+    a user counts as that user); false: it is 0."""
+
+    unit: list[UnitGlob] | None = Field(default=None, min_length=1)
+    """Globs on the systemd unit of the requester's cgroup.
+    Example: ["libvirtd.service", "user@*.service", "session-*.scope"]"""
+
+    container: bool | None = None
+    """true: the requester is in a user or pid namespace other than the initial one, or in
+    a container manager's cgroup (docker, podman, containerd, lxc, machined)."""
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RequesterMatch:
+        keys = (self.uid, self.gid, self.unprivileged, self.unit, self.container)
+        if all(key is None for key in keys):
+            raise ValueError(
+                "a requester match needs at least one of: uid, gid, unprivileged, unit, container"
+            )
+        return self
+
+
 class Match(_Strict):
     """What a rule applies to.  Every key given must match (AND); a list matches if any
     item does (OR).  At least one key is required."""
@@ -116,10 +157,15 @@ class Match(_Strict):
     """Where the request came from: kernel (autoload via modprobe_path), udev (device
     MODALIAS), cli (kmodctl)."""
 
+    requester: RequesterMatch | None = None
+    """Who triggered the request (kernel autoloads only; see docs/attribution.md)."""
+
     @model_validator(mode="after")
     def _not_empty(self) -> Match:
-        if not (self.module or self.request or self.class_ or self.source):
-            raise ValueError("a match needs at least one of: module, request, class, source")
+        if not (self.module or self.request or self.class_ or self.source or self.requester):
+            raise ValueError(
+                "a match needs at least one of: module, request, class, source, requester"
+            )
         return self
 
 

@@ -55,7 +55,7 @@ def test_broken_file_prints_every_problem(
         f"{path}:8:9: rules[1].id: duplicate rule id 'a'"
         f" (hint: first defined at {path}:4; rule ids are unique across files)",
         f"{path}:10:12: rules[1].match: a match needs at least one of: module, request, class,"
-        " source",
+        " source, requester",
         f"{path}:11:5: rules[1].extra: unknown key 'extra'"
         " (hint: check the spelling against `kmodctl schema`)",
         f"{other}:2:1: YAML syntax: found a tab character that violates indentation"
