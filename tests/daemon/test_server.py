@@ -8,6 +8,8 @@ import socket
 import stat
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,59 @@ def test_atomic_write_replaces_a_planted_symlink_without_following(tmp_path: Pat
     assert victim.read_text() == "keep"
     assert not (tmp_path / "f.conf").is_symlink()
     assert (tmp_path / "f.conf").read_bytes() == b"new"
+
+
+# --- decide connections through a real Server loop ---------------------------------------
+
+
+class _Decider:
+    def __init__(self) -> None:
+        self.names: list[bytes] = []
+
+    def decide_line(self, name: bytes, peer: server.Peer) -> bytes:
+        self.names.append(name)
+        return b"deny test-rule\n"
+
+    def control(self, call: object, peer: server.Peer, respond: object) -> None:
+        raise AssertionError("no control calls here")
+
+    def refused(self, kind: server.Kind, peer: server.Peer, what: str) -> None:
+        raise AssertionError(f"refused: {what}")
+
+
+def _serve_until(srv: server.Server, done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not done():
+        assert time.monotonic() < deadline, "the server never got there"
+        srv.poll(0.05)
+
+
+@root_required
+def test_decide_line_sent_whole_or_in_pieces_is_answered(tmp_path: Path) -> None:
+    """A line already there at accept is answered without the selector; a line that
+    arrives in pieces, or a client that sends nothing, is left to it."""
+    path = tmp_path / "decide.sock"
+    handler = _Decider()
+    srv = server.Server({server.Kind.DECIDE: server.bind_unix(path, 0o600, None)}, handler)
+    try:
+        whole = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        whole.connect(str(path))
+        whole.sendall(b"decide fs-whole\n")
+        pieces = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        pieces.connect(str(path))
+        pieces.sendall(b"decide fs-pi")
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.connect(str(path))
+        _serve_until(
+            srv, lambda: handler.names == [b"fs-whole"] and srv.next_deadline() is not None
+        )
+        assert whole.recv(100) == b"deny test-rule\n"
+        pieces.sendall(b"eces\n")
+        _serve_until(srv, lambda: len(handler.names) == 2)
+        assert pieces.recv(100) == b"deny test-rule\n"
+        assert pieces.recv(100) == b""  # answered and closed
+        _serve_until(srv, lambda: srv.next_deadline() is None)  # the idle one timed out
+        assert idle.recv(100) == b""
+        assert handler.names == [b"fs-whole", b"fs-pieces"]
+    finally:
+        srv.close()
