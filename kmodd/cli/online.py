@@ -135,6 +135,18 @@ def _modprobe_line(doc: dict[str, Any]) -> str:
     return f"kernel.modprobe: {km['current']!r}, NOT the kmodd helper {km['expected']}"
 
 
+def _attribution_line(doc: dict[str, Any]) -> str:
+    at = doc.get("attribution")
+    if at is None:
+        return "attribution: off (not the live system, or --no-attribution)"
+    if not at["available"]:
+        return f"attribution: UNAVAILABLE, requesters unknown ({at['reason']})"
+    return (
+        f"attribution: {at['matched']} request(s) attributed, {at['unmatched']} unknown,"
+        f" {at['gone']} gone ({at['events']} event(s); worst wait {at['wait_ms_max']} ms)"
+    )
+
+
 def render_status(doc: dict[str, Any]) -> str:
     d = doc["decisions"]
     lines = [
@@ -145,6 +157,7 @@ def render_status(doc: dict[str, Any]) -> str:
         f"  by rule:   {_counts(d['rules'])}",
         f"  by source: {_counts(d['sources'])}",
         f"journal:     {doc['journal']['dropped']} record(s) dropped",
+        _attribution_line(doc),
         _modprobe_line(doc),
         f"enforcement: {doc['enforcement_file']}",
     ]

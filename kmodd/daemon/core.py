@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kmodd import helper, wire
-from kmodd.daemon import records
+from kmodd.daemon import attribution, records
 from kmodd.daemon.atomic import write_atomic
+from kmodd.daemon.attribution import Attributor, Requester
 from kmodd.daemon.events import (
     Event,
     FilesChanged,
@@ -139,6 +140,7 @@ class Edges:
     modprobe_path: ModprobePathLike | None = None
     recoldplug: Callable[[], None] | None = None
     reassert: bool = False  # re-point kernel.modprobe at the helper after tampering
+    attributor: Attributor | None = None  # who asked (tracefs); None: not attempted
     clock: Callable[[], float] = time.monotonic
 
 
@@ -350,24 +352,43 @@ class Core:
                 )
             )
             return b"error no policy generation\n"
+        who, extra = self._attribute(name, peer)
+        if who is not None and gen.compiled.uses_requester:
+            # Who asked decides: no per-name answer (the generation still caches by facts).
+            answer = _make_answer(gen, gen.decide(name.decode("ascii"), Source.KERNEL, who.facts()))
+        else:
+            answer = self._cached_answer(gen, name)
+        self.stats.count_keys(answer.verdict, answer.rule, "kernel")
+        self.sink.emit(attribution.annotate(answer.record, who, extra))
+        return answer.reply
+
+    def _cached_answer(self, gen: Generation, name: bytes) -> _Answer:
         answer = self._answers.get(name)
         if answer is None or self._answers_gen is not gen:
             answer = self._answer(gen, name)
-        self.stats.count_keys(answer.verdict, answer.rule, "kernel")
-        self.sink.emit(answer.record)
-        return answer.reply
+        return answer
+
+    def _attribute(self, name: bytes, peer: Peer) -> tuple[Requester | None, dict[str, str]]:
+        """The requester of a kernel request (docs/attribution.md) and its journal fields;
+        (None, {}) without an attributor, (None, KMODD_REQUESTER=unknown...) when not known.
+        Waits (at most attribution.LOOKUP_TIMEOUT_S) only for a helper the kernel ran."""
+        at = self.edges.attributor
+        if at is None:
+            return None, {}
+        found = at.availability()
+        if not found.available:
+            return None, attribution.unknown_fields(found)
+        if not at.kernel_spawned(peer.pid):
+            return None, attribution.unknown_fields(found, "the helper was not run by the kernel")
+        who = at.lookup(name.decode("ascii"))
+        if who is None:
+            return None, attribution.unknown_fields(found, "no module_request event matched")
+        return who, who.journal_fields()
 
     def _answer(self, gen: Generation, name: bytes) -> _Answer:
         if self._answers_gen is not gen:
             self._answers, self._answers_gen = {}, gen
-        d = gen.decide(name.decode("ascii"), Source.KERNEL)
-        verdict = b"allow " if d.effective is Verdict.ALLOW else b"deny "
-        answer = _Answer(
-            verdict + _token(d.rule) + b"\n",
-            records.decision(d, gen.number),
-            verdict_key(d),
-            d.rule,
-        )
+        answer = _make_answer(gen, gen.decide(name.decode("ascii"), Source.KERNEL))
         if len(self._answers) >= DECISION_CACHE_MAX:
             del self._answers[next(iter(self._answers))]
         self._answers[name] = answer
@@ -471,6 +492,13 @@ class Core:
             f"generation {gen.number} ({gen.mode.value}); allowed {v['allow']}, "
             f"denied {v['deny']}, would-deny {v['would_deny']}"
         )
+
+
+def _make_answer(gen: Generation, d: Decision) -> _Answer:
+    verdict = b"allow " if d.effective is Verdict.ALLOW else b"deny "
+    return _Answer(
+        verdict + _token(d.rule) + b"\n", records.decision(d, gen.number), verdict_key(d), d.rule
+    )
 
 
 def _token(rule: str) -> bytes:

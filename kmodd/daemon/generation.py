@@ -27,6 +27,7 @@ from kmodd.paths import ENFORCEMENT_FILE, Paths
 from kmodd.policy import compiler, engine
 from kmodd.policy.loader import load_policy
 from kmodd.policy.model import PolicySet
+from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.types import Mode, Source
 
 # Distinct (name, source) decisions remembered per generation.  Request names are
@@ -72,7 +73,7 @@ class Generation:
     conflicts: tuple[Conflict, ...]
     denied_modules: frozenset[str]  # modules rendered as denied (enforce mode)
     created: float = field(default_factory=time.time)
-    _decisions: dict[tuple[str, Source], engine.Decision] = field(
+    _decisions: dict[tuple[str, Source, RequesterFacts | None], engine.Decision] = field(
         default_factory=dict, compare=False, repr=False
     )
 
@@ -80,12 +81,18 @@ class Generation:
     def mode(self) -> Mode:
         return self.compiled.mode
 
-    def decide(self, name: str, source: Source) -> engine.Decision:
-        """Decide NAME for SOURCE (cached; core thread only: libkmod is not thread-safe)."""
-        key = (name, source)
+    def decide(
+        self, name: str, source: Source, requester: RequesterFacts | None = None
+    ) -> engine.Decision:
+        """Decide NAME for SOURCE and REQUESTER (cached; core thread only: libkmod is not
+        thread-safe).  A policy without requester rules ignores the requester, so its
+        cache holds one entry per name whoever asks."""
+        if not self.compiled.uses_requester:
+            requester = None
+        key = (name, source, requester)
         found = self._decisions.get(key)
         if found is None:
-            request = engine.Request(name, source)
+            request = engine.Request(name, source, requester)
             found = engine.decide(request, self.kmod.resolve(name), self.compiled)
             if not found.modules:
                 return found

@@ -20,6 +20,7 @@ from types import FrameType
 
 from kmodd import __version__, helper
 from kmodd.daemon import records
+from kmodd.daemon.attribution import INSTANCE, Attributor
 from kmodd.daemon.core import Core, Edges
 from kmodd.daemon.events import ReloadCause, ReloadRequested, Stop
 from kmodd.daemon.generation import BuildOptions
@@ -91,6 +92,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-watch", action="store_true", help="do not watch files")
     p.add_argument("--no-udev", action="store_true", help="do not listen to uevents")
+    p.add_argument(
+        "--no-attribution",
+        action="store_true",
+        help="do not trace module_request to learn who asked (docs/attribution.md)",
+    )
     p.add_argument(
         "--log-stderr",
         action="store_true",
@@ -197,6 +203,21 @@ def _signals(core: Core) -> None:
     signal.signal(signal.SIGHUP, reload)
 
 
+def _attributor(args: argparse.Namespace, sink: JournalSink) -> Attributor | None:
+    """Requester attribution (docs/attribution.md): only for the live system (--root /)."""
+    if args.no_attribution or Path(args.root) != Path("/"):
+        return None
+    attributor = Attributor()
+    found = attributor.start()
+    text = "requester attribution: " + (
+        f"tracefs instance {found.tracefs}/instances/{INSTANCE}"
+        if found.available
+        else f"unavailable ({found.reason}); decisions say 'requester unknown'"
+    )
+    sink.emit(records.notice(text, Priority.NOTICE if found.available else Priority.WARNING))
+    return attributor
+
+
 def run(args: argparse.Namespace) -> int:
     paths = make_paths(args.root, args.kernel, args.runtime_dir)
     gid = _status_gid(args.status_group)
@@ -210,8 +231,15 @@ def run(args: argparse.Namespace) -> int:
     )
     relay = NotifyRelay(Notifier())
     relay.start()
-    core = Core(paths, options, sink, Edges(notifier=relay, reassert=args.reassert))
+    attributor = _attributor(args, sink)
+    edges = Edges(notifier=relay, reassert=args.reassert, attributor=attributor)
+    core = Core(paths, options, sink, edges)
     cleanup: Cleanup = [sink.stop, relay.stop, core.close]
+    if attributor is not None:
+        cleanup.append(attributor.stop)
+        found = attributor.availability()
+        if not found.available:
+            core.notes.append(f"requester attribution unavailable: {found.reason}")
     try:
         server = Server(_listeners(paths, gid, cleanup), core, status_gid=gid)
         cleanup.append(server.close)

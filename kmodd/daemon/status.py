@@ -211,6 +211,7 @@ def status(core: Core) -> dict[str, Any]:
         "devices_denied": devices_denied(core),
         "loaded_denied": loaded_denied(core),
         "notes": list(core.notes),
+        "attribution": None if core.edges.attributor is None else core.edges.attributor.status(),
     }
 
 
