@@ -124,7 +124,31 @@ def to_json(ex: Explanation) -> dict[str, object]:
             "files": [f.path for f in ex.policy.files],
             "mode_from": ex.mode_from,
         },
+        "attribution": attribution(ex.policy),
     }
+
+
+def attribution(policy: PolicySet) -> dict[str, object]:
+    """What requester attribution this kernel offers, and the rules that depend on it
+    (explain decides without a requester: those rules never match here)."""
+    from kmodd.daemon.attribution import probe  # noqa: PLC0415 -- only explain needs it
+
+    rules = [r.rule.id for r in policy.rules if r.rule.match.requester is not None]
+    return {**probe().as_dict(), "requester_rules": rules}
+
+
+def _attribution_lines(ex: Explanation) -> list[str]:
+    found = attribution(ex.policy)
+    where = found["tracefs"] or "no tracefs"
+    state = "available" if found["event"] else f"unavailable: {found['reason']}"
+    lines = [f"  attribution on this kernel: {state} ({where}, lockdown {found['lockdown']})"]
+    rules = found["requester_rules"]
+    if isinstance(rules, list) and rules:
+        lines.append(
+            f"  requester rules ({', '.join(rules)}) do not match here: explain has no"
+            " requester; `kmodctl simulate` replays recorded ones"
+        )
+    return lines
 
 
 def _description(info: ModuleInfo | None) -> str | None:
@@ -163,6 +187,7 @@ def render_text(ex: Explanation) -> str:
         out.extend(f"    {p.location()}  {p.text}" for p in ex.provenance)
     files = len(ex.policy.files)
     out.append(f"  policy: {files} file(s), generation {ex.policy.hash[:12] or '-'}")
+    out.extend(_attribution_lines(ex))
     return "\n".join(out)
 
 

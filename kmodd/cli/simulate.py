@@ -158,7 +158,7 @@ def render_text(replay: Replay, found: list[Change], files: tuple[str, ...]) -> 
 
 def make_decider(ctx: KmodContext, compiled: engine.CompiledPolicy) -> Decider:
     def decide(name: str, source: Source, facts: RequesterFacts | None) -> engine.Decision:
-        return engine.decide(engine.Request(name, source), ctx.resolve(name), compiled)
+        return engine.decide(engine.Request(name, source, facts), ctx.resolve(name), compiled)
 
     return decide
 

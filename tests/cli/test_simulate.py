@@ -18,6 +18,7 @@ from tests.kerneltree import KernelTree
 
 pytestmark = root_required
 
+MODHARDEN = Path(__file__).resolve().parents[2] / "policies/20-modharden.yaml.example"
 RECORDED = [
     Entry("net-pf-5", ["llc", "psnap", "appletalk"], uid=65534, comm="python3"),
     Entry("net-pf-5", ["llc", "psnap", "appletalk"], uid=65534, comm="python3"),
@@ -118,6 +119,21 @@ def test_a_looser_and_a_permissive_policy(
     permissive = DENY_AEAD.replace("rules:", "mode: permissive\nrules:")
     code, doc = simulate(kernel_tree, jd, tmp_path, capsys, permissive)
     assert changed(doc) == {("algif-aead", 65534, "deny", "would_deny", 1)}
+
+
+def test_requester_rules_replay_with_the_recorded_requester(
+    kernel_tree: KernelTree,
+    jd: journald.Journald,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The MODHARDEN example: only uid 65534's allowed net-pf-5 turns into a deny; its
+    algif-aead stays denied (by another rule now); root's requests do not change."""
+    code, doc = simulate(kernel_tree, jd, tmp_path, capsys, MODHARDEN.read_text())
+    assert code == 1
+    assert changed(doc) == {("net-pf-5", 65534, "allow", "deny", 2)}
+    assert doc["changes"][0]["after"]["rule"] == "modharden"
+    assert doc["changes"][0]["requester"]["unprivileged"] is True
 
 
 def test_human_output(
