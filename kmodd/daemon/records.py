@@ -21,8 +21,9 @@ def decision(
     enforced (a permissive deny is logged with the WOULD_DENY id and the load proceeds)."""
     if d.verdict is Verdict.ALLOW:
         message_id, priority, verb = _ALLOW
-    elif d.mode is Mode.PERMISSIVE:
+    elif d.mode is not Mode.ENFORCE:
         message_id, priority, verb = _WOULD_DENY
+        verb = f"would deny ({d.mode})"
     else:
         message_id, priority, verb = _DENY
     fields = {

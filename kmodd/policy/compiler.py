@@ -181,8 +181,8 @@ def render_enforcement(
 ) -> str:
     """The text of ROOT/run/modprobe.d/00-kmodd.conf for POLICY on the tree of CTX."""
     lines = _header(policy, "kmodd enforcement for kmod (udev, modules-load, modprobe)")
-    if policy.mode is Mode.PERMISSIVE:
-        lines.append("# permissive mode: nothing is enforced through modprobe.d")
+    if policy.mode is not Mode.ENFORCE:
+        lines.append(f"# {policy.mode} mode: nothing is enforced through modprobe.d")
         return "\n".join(lines) + "\n"
     if decide_fn is None:
         decide_fn = decide
@@ -224,9 +224,10 @@ def render_snapshot(
     """The helper's fallback snapshot (format: kmodd/helper.py), keys unique and sorted."""
     if not modprobe.startswith("/") or any(c in modprobe for c in "\n\0 "):
         raise ValueError(f"modprobe must be an absolute path without spaces: {modprobe!r}")
+    # The helper knows enforce|permissive; learn never blocks either.
+    mode = Mode.ENFORCE if policy.mode is Mode.ENFORCE else Mode.PERMISSIVE
     head = (
-        f"generation {generation}\nmode {policy.mode}\nmodprobe {modprobe}\n"
-        f"hash {policy.hash or '-'}\n\n"
+        f"generation {generation}\nmode {mode}\nmodprobe {modprobe}\nhash {policy.hash or '-'}\n\n"
     )
     rows = []
     for key, name in sorted(snapshot_names(ctx).items()):

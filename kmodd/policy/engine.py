@@ -225,8 +225,8 @@ class Decision:
 
     @property
     def effective(self) -> Verdict:
-        """What happens: permissive mode turns every deny into allow."""
-        return Verdict.ALLOW if self.mode is Mode.PERMISSIVE else self.verdict
+        """What happens: permissive and learn modes turn every deny into allow."""
+        return self.verdict if self.mode is Mode.ENFORCE else Verdict.ALLOW
 
     @property
     def would_deny(self) -> bool:

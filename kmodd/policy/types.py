@@ -20,10 +20,13 @@ class Verdict(StrEnum):
 
 
 class Mode(StrEnum):
-    """enforce: deny verdicts block.  permissive: they are logged as would-deny only."""
+    """enforce: deny verdicts block.  permissive: they are logged as would-deny only.
+    learn: as permissive (nothing blocks, nothing is rendered for kmod); meant for
+    recording what a machine loads, and who asks, for `kmodctl generate`."""
 
     ENFORCE = "enforce"
     PERMISSIVE = "permissive"
+    LEARN = "learn"
 
 
 class Source(StrEnum):

@@ -49,7 +49,7 @@ def test_broken_file_prints_every_problem(
     assert main(["validate", str(path), str(other)]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        f"{path}:2:7: mode: Input should be 'enforce' or 'permissive'",
+        f"{path}:2:7: mode: Input should be 'enforce', 'permissive' or 'learn'",
         f"{path}:7:15: rules[0].match.module: Input should be a valid list"
         " (hint: write a YAML list: [a, b] or one '- item' per line)",
         f"{path}:8:9: rules[1].id: duplicate rule id 'a'"
@@ -74,7 +74,7 @@ def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         "path": str(path),
         "line": 2,
         "column": 7,
-        "message": "mode: Input should be 'enforce' or 'permissive'",
+        "message": "mode: Input should be 'enforce', 'permissive' or 'learn'",
         "hint": None,
     }
 

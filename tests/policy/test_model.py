@@ -30,7 +30,7 @@ def test_enums_come_from_strings_inside_a_strict_model() -> None:
         {"kmodd": True},
         {"kmodd": 2},
         {"kmodd": "1"},
-        {"kmodd": 1, "mode": "learn"},
+        {"kmodd": 1, "mode": "learning"},
         {"kmodd": 1, "mode": False},
         {"kmodd": 1, "default": "maybe"},
         {"kmodd": 1, "extra": 1},
