@@ -28,9 +28,22 @@ NAMES = [
 INVALID = [b"a/b", b"../../etc/passwd", b"x" * 56, b"\xff\xfe", b"a b"]
 
 
-def _wait_fds(pid: int, want: int, timeout: float = 15.0) -> int:
+def _settled_fds(pid: int, timeout: float = 15.0) -> int:
+    """The daemon's fd count once it holds still for 0.5 s: connections the clients just
+    closed may still be open on the daemon's side for a moment."""
     deadline = time.monotonic() + timeout
-    while (now := fd_count(pid)) != want and time.monotonic() < deadline:
+    last, since = fd_count(pid), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < 0.5:
+        time.sleep(0.05)
+        if (now := fd_count(pid)) != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def _wait_fds(pid: int, most: int, timeout: float = 15.0) -> int:
+    """Wait until the daemon holds at most MOST fds (a leak never gets there)."""
+    deadline = time.monotonic() + timeout
+    while (now := fd_count(pid)) > most and time.monotonic() < deadline:
         time.sleep(0.05)
     return now
 
@@ -41,14 +54,14 @@ def test_soak_100k_decisions_50_clients(rel: Rel, tally: Tally) -> None:
     before_status = rel.daemon.status()["decisions"]
     warm = hammer(rel.decide_path, expected, WARMUP, CLIENTS)
     assert warm.wrong == []
-    fds = _wait_fds(rel.pid, fd_count(rel.pid))
+    fds = _settled_fds(rel.pid)
     rss = rss_kib(rel.pid)
     soak = hammer(rel.decide_path, expected, SOAK, CLIENTS)
     fds_after = _wait_fds(rel.pid, fds)
     rss_after = rss_kib(rel.pid)
     assert soak.asked == SOAK
     assert soak.wrong == [], f"{len(soak.wrong)} wrong or lost: {soak.wrong[:5]}"
-    assert fds_after == fds
+    assert fds_after <= fds, (fds, fds_after)
     assert rss_after - rss < RSS_GROWTH_MAX_KIB, (rss, rss_after)
     # Every decision was counted by the daemon too (none lost between socket and core).
     after_status = rel.daemon.call(wire.Method.STATUS)["decisions"]
