@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kmodd.cli.common import policy_paths_only, print_json, wants_json
 from kmodd.errors import InvalidInputError, Issue
-from kmodd.policy.loader import SUFFIX, collect_policy_files, load_policy_files
+from kmodd.policy.loader import SUFFIX, load_policy, load_policy_files
 from kmodd.policy.model import PolicySet
 
 
@@ -37,18 +37,7 @@ def load_for(args: argparse.Namespace, paths: list[str] | None) -> PolicySet:
         if issues:
             raise InvalidInputError(issues, what="policy")
         return load_policy_files(files)
-    files, masked = collect_policy_files(policy_paths_only(args))
-    policy = load_policy_files(files)
-    return PolicySet(
-        files=policy.files,
-        rules=policy.rules,
-        mode=policy.mode,
-        default=policy.default,
-        mode_from=policy.mode_from,
-        default_from=policy.default_from,
-        masked=tuple(str(p) for p in masked),
-        hash=policy.hash,
-    )
+    return load_policy(policy_paths_only(args))
 
 
 def _issue_json(issue: Issue) -> dict[str, object]:
