@@ -111,22 +111,22 @@ def installed_helper(sr: SystemRoot) -> Path:
     return path
 
 
+def managing_daemon(sr: SystemRoot, sysctl: Path, helper_path: Path, *, reassert: bool) -> Daemon:
+    """A daemon that manages SYSCTL (standing in for kernel.modprobe), ticking (checking
+    for tampering) every 0.2 s."""
+    extra = ["--no-watch", "--modprobe-sysctl", str(sysctl), "--helper-path", str(helper_path)]
+    return Daemon(
+        sr,
+        extra=[*extra, "--reassert"] if reassert else extra,
+        env={"WATCHDOG_USEC": "400000"},
+    )
+
+
 def test_kernel_modprobe_is_pointed_at_the_helper_and_tamper_is_seen(sr: SystemRoot) -> None:
     sysctl = sr.root.parent / "kernel.modprobe"
     sysctl.write_text("/sbin/modprobe\n")
     helper_path = installed_helper(sr)
-    daemon = Daemon(
-        sr,
-        extra=[
-            "--no-watch",
-            "--modprobe-sysctl",
-            str(sysctl),
-            "--reassert",
-            "--helper-path",
-            str(helper_path),
-        ],
-        env={"WATCHDOG_USEC": "400000"},  # ticks (tamper checks) every 0.2 s
-    )
+    daemon = managing_daemon(sr, sysctl, helper_path, reassert=True)
     try:
         daemon.start()
         assert sysctl.read_text().strip() == str(helper_path)
@@ -154,17 +154,7 @@ def test_kernel_modprobe_is_pointed_at_the_helper_and_tamper_is_seen(sr: SystemR
 def test_tamper_without_reassert_shows_in_status(sr: SystemRoot) -> None:
     sysctl = sr.root.parent / "kernel.modprobe"
     sysctl.write_text("/sbin/modprobe\n")
-    daemon = Daemon(
-        sr,
-        extra=[
-            "--no-watch",
-            "--modprobe-sysctl",
-            str(sysctl),
-            "--helper-path",
-            str(installed_helper(sr)),
-        ],
-        env={"WATCHDOG_USEC": "400000"},
-    )
+    daemon = managing_daemon(sr, sysctl, installed_helper(sr), reassert=False)
     try:
         daemon.start()
         sysctl.write_text("/tmp/evil\n")
@@ -202,18 +192,7 @@ def test_failed_reassert_is_reported_and_the_daemon_keeps_running(sr: SystemRoot
     sysctl = sr.root.parent / "kernel.modprobe"
     sysctl.write_text("/sbin/modprobe\n")
     helper_path = installed_helper(sr)
-    daemon = Daemon(
-        sr,
-        extra=[
-            "--no-watch",
-            "--modprobe-sysctl",
-            str(sysctl),
-            "--reassert",
-            "--helper-path",
-            str(helper_path),
-        ],
-        env={"WATCHDOG_USEC": "400000"},
-    )
+    daemon = managing_daemon(sr, sysctl, helper_path, reassert=True)
     try:
         daemon.start()
         assert sysctl.read_text().strip() == str(helper_path)
