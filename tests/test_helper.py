@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kmodd import helper
+from tests.daemon.running import kernel_like_argv
 
 HELPER = Path(helper.__file__)
 KERNEL_ENV = {"HOME": "/", "TERM": "linux", "PATH": "/sbin:/usr/sbin:/bin:/usr/bin"}
@@ -57,16 +58,7 @@ class Kernel:
             **(env or {}),
         }
         # sh closes 0-2 and execs: the helper starts exactly as the kernel starts it.
-        cmd = [
-            "/bin/sh",
-            "-c",
-            'exec "$@" 0<&- 1>&- 2>&-',
-            "sh",
-            "/usr/bin/python3",
-            "-IS",
-            str(HELPER),
-            *args,
-        ]
+        cmd = kernel_like_argv(*args)
         proc = subprocess.run(
             cmd,
             env=full_env,

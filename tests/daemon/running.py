@@ -171,22 +171,20 @@ class Daemon:
         return self.proc.returncode
 
 
+def kernel_like_argv(*args: str) -> list[str]:
+    """The helper started as the kernel starts it: sh closes fds 0-2 and execs
+    `/usr/bin/python3 -IS HELPER ARGS` (the shebang's interpreter and flags)."""
+    return ["/bin/sh", "-c", 'exec "$@" 0<&- 1>&- 2>&-', "sh", "/usr/bin/python3", "-IS",
+            str(HELPER), *args]  # fmt: skip
+
+
 def run_helper(
     sr: SystemRoot, *args: str, wrap: Callable[[list[str]], list[str]] | None = None
 ) -> tuple[int, list[str] | None]:
     """The helper as the kernel runs it: -IS, kernel env only, fds 0-2 closed.
     Returns the exit status and the argv the fake modprobe got (None: not exec'd)."""
     sr.record.unlink(missing_ok=True)
-    cmd = [
-        "/bin/sh",
-        "-c",
-        'exec "$@" 0<&- 1>&- 2>&-',
-        "sh",
-        "/usr/bin/python3",
-        "-IS",
-        str(HELPER),
-        *args,
-    ]
+    cmd = kernel_like_argv(*args)
     env = {**KERNEL_ENV, helper.RUNTIME_DIR_ENV: str(sr.runtime)}
     proc = subprocess.run(
         wrap(cmd) if wrap else cmd,

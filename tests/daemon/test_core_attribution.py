@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.daemon import attribution
 from kmodd.daemon.attribution import Attributor
 from kmodd.daemon.core import Core, Edges
 from kmodd.daemon.generation import BuildOptions
@@ -28,6 +27,7 @@ from kmodd.daemon.server import Peer, prepare_runtime_dir
 from kmodd.paths import Paths
 from tests.conftest import root_required
 from tests.daemon.running import SystemRoot, make_root
+from tests.daemon.test_attribution import _fake_tracefs
 from tests.kerneltree import KernelTree
 
 pytestmark = root_required
@@ -68,19 +68,6 @@ def _fake_proc(proc: Path, requesters: dict[str, int]) -> None:
     (proc / str(HELPER_PID) / "status").write_text(f"Name:\tpython3\nPPid:\t{KWORKER_PID}\n")
     (proc / str(KWORKER_PID)).mkdir()
     (proc / str(KWORKER_PID) / "cmdline").write_text("")  # a kernel thread
-
-
-def _fake_tracefs(root: Path) -> Path:
-    (root / "instances").mkdir(parents=True)
-    (root / attribution.EVENT_DIR).mkdir(parents=True)
-    (root / attribution.EVENT_DIR / "enable").write_text("0")
-    instance = root / "instances" / attribution.INSTANCE
-    (instance / attribution.EVENT_DIR).mkdir(parents=True)
-    for name in (f"{attribution.EVENT_DIR}/enable", "trace", "buffer_size_kb", "tracing_on"):
-        (instance / name).write_text("")
-    (instance / "trace_marker").write_text("")
-    os.mkfifo(instance / "trace_pipe")
-    return instance
 
 
 def _sleeper(*prefix: str) -> subprocess.Popen[bytes]:
