@@ -19,6 +19,7 @@ from typing import Protocol
 
 from kmodd import helper
 from kmodd.kmod.model import Resolution
+from kmodd.paths import HELPER_PATH
 from kmodd.policy.engine import (
     CompiledPolicy,
     CompiledRule,
@@ -29,10 +30,9 @@ from kmodd.policy.engine import (
 )
 from kmodd.policy.types import Mode, Source, Verdict
 
-DEFAULT_HELPER_PATH = "/usr/local/libexec/kmodd/kmodd-modprobe"
 # kmod runs install commands through /bin/sh -c without appending the name, so the
 # renderer appends it: `install NAME STUB NAME` runs `STUB NAME` = `helper --deny NAME`.
-DEFAULT_DENY_STUB = f"{DEFAULT_HELPER_PATH} --deny"
+DEFAULT_DENY_STUB = f"{HELPER_PATH} --deny"
 # Names written into a shell command line must be inert: module names and kernel
 # request names are [A-Za-z0-9_.:-]; anything else is left out (and said so).
 _SHELL_SAFE = re.compile(r"^[A-Za-z0-9_.:+-]{1,128}$")
