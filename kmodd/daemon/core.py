@@ -47,6 +47,7 @@ from kmodd.daemon.housekeeping import Housekeeper
 from kmodd.daemon.journal import JournalSink
 from kmodd.daemon.ports import Edges
 from kmodd.daemon.server import Kind, Peer, Server
+from kmodd.daemon.treeindex import TreeIndex
 from kmodd.daemon.view import CoreView, ReloadResult
 from kmodd.host.proc import Requester
 from kmodd.host.tracefs import Availability
@@ -90,6 +91,7 @@ class Core:
         self.started = time.time()
         self.decider = Decider(sink)
         self.housekeeper = Housekeeper(paths, sink, edges)
+        self.tree_index = TreeIndex()  # what one build keeps for the next
         self.last_reload: ReloadResult | None = None
         self.devices: dict[str, UdevDevice] = {}  # coldplugged/added devices with a MODALIAS
         self.notes: list[str] = []  # plain warnings for status (static usermodehelper...)
@@ -201,7 +203,8 @@ class Core:
     def _build(self, cause: ReloadCause, detail: str) -> _Built:
         start = time.monotonic()
         try:
-            gen = publish(build_generation(self._next_number(), self.paths, self.options))
+            number = self._next_number()
+            gen = publish(build_generation(number, self.paths, self.options, self.tree_index))
         except Exception as err:  # every failure is reported; the old generation stays
             took = time.monotonic() - start
             return _Built(cause, detail, None, tuple(error_lines(err)), took)
