@@ -50,7 +50,7 @@ class InstallError(KmoddError):
     """Something kmodctl install/uninstall cannot do safely."""
 
 
-class Action(StrEnum):
+class StepAction(StrEnum):
     INSTALLED = "installed"
     UPDATED = "updated"
     UNCHANGED = "unchanged"
@@ -64,7 +64,7 @@ class Action(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    action: Action
+    action: StepAction
     path: str
     detail: str = ""
 
@@ -198,7 +198,7 @@ def _ensure_dir(prefix: Path, rel: Path, dry_run: bool, steps: list[Step]) -> No
         if not dry_run:
             (prefix / part).mkdir(mode=0o755)
             (prefix / part).chmod(0o755)
-        steps.append(Step(Action.CREATED, str(prefix / part)))
+        steps.append(Step(StepAction.CREATED, str(prefix / part)))
 
 
 def _up_to_date(path: Path, spec: FileSpec) -> bool:
@@ -227,9 +227,9 @@ def _install_file(prefix: Path, spec: FileSpec, dry_run: bool, steps: list[Step]
         shebang = spec.content.split(b"\n", 1)[0].decode()
         detail += f", {shebang}"
     if _up_to_date(path, spec):
-        steps.append(Step(Action.UNCHANGED, str(path), detail))
+        steps.append(Step(StepAction.UNCHANGED, str(path), detail))
         return
-    action = Action.UPDATED if path.exists() or path.is_symlink() else Action.INSTALLED
+    action = StepAction.UPDATED if path.exists() or path.is_symlink() else StepAction.INSTALLED
     if not dry_run:
         _write(path, spec)
     steps.append(Step(action, str(path), detail))
@@ -237,11 +237,11 @@ def _install_file(prefix: Path, spec: FileSpec, dry_run: bool, steps: list[Step]
 
 def _remove(path: Path, dry_run: bool, steps: list[Step]) -> None:
     if not (path.exists() or path.is_symlink()):
-        steps.append(Step(Action.ABSENT, str(path)))
+        steps.append(Step(StepAction.ABSENT, str(path)))
         return
     if not dry_run:
         path.unlink()
-    steps.append(Step(Action.REMOVED, str(path)))
+    steps.append(Step(StepAction.REMOVED, str(path)))
 
 
 def read_manifest(prefix: Path) -> Manifest | None:
@@ -273,12 +273,14 @@ def _run(command: list[str], steps: list[Step], dry_run: bool) -> None:
         try:
             result = subprocess.run(command, check=False, capture_output=True, text=True)
         except OSError as err:
-            steps.append(Step(Action.RAN, " ".join(command), f"failed: {err.strerror}"))
+            steps.append(Step(StepAction.RAN, " ".join(command), f"failed: {err.strerror}"))
             return
         if result.returncode != 0:
-            steps.append(Step(Action.RAN, " ".join(command), f"failed: {result.stderr.strip()}"))
+            steps.append(
+                Step(StepAction.RAN, " ".join(command), f"failed: {result.stderr.strip()}")
+            )
             return
-    steps.append(Step(Action.RAN, " ".join(command)))
+    steps.append(Step(StepAction.RAN, " ".join(command)))
 
 
 # -- the two verbs ------------------------------------------------------------------------
@@ -306,13 +308,13 @@ def install(prefix: Path, *, bindir: Path, python: Path, dry_run: bool = False) 
     if not prefix.exists():  # like DESTDIR: a fresh staging dir is fine
         if not dry_run:
             prefix.mkdir(mode=0o755, parents=True)
-        steps.append(Step(Action.CREATED, str(prefix)))
+        steps.append(Step(StepAction.CREATED, str(prefix)))
     for spec in specs:
         _install_file(prefix, spec, dry_run, steps)
     for stale in sorted(set(old.files) - set(wanted)):
         if _safe_rel(stale):
             _remove(prefix / stale, dry_run, steps)
-    changed = {s.path for s in steps if s.action in (Action.INSTALLED, Action.UPDATED)}
+    changed = {s.path for s in steps if s.action in (StepAction.INSTALLED, StepAction.UPDATED)}
     if prefix == Path("/") and "/" + CATALOG_DEST in changed:
         _run(["journalctl", "--update-catalog"], steps, dry_run)
     if _systemd_running(prefix):
@@ -332,7 +334,7 @@ def uninstall(
         value = modprobe.previous() or helper.DEFAULT_MODPROBE
         if not dry_run:
             value = modprobe.restore() or value
-        steps.append(Step(Action.RESTORED, str(modprobe.proc_path), value))
+        steps.append(Step(StepAction.RESTORED, str(modprobe.proc_path), value))
     manifest = read_manifest(prefix)
     if manifest is None:  # no manifest (older install, or none): the files we would ship
         manifest = Manifest([spec.dest for spec in _default_plan()], [])
@@ -362,14 +364,14 @@ def _remove_dir(path: Path, dry_run: bool, steps: list[Step]) -> None:
     if not path.is_dir() or path.is_symlink():
         return
     # What the steps so far removed (a dry run removed nothing yet, but would have).
-    gone = {step.path for step in steps if step.action is Action.REMOVED}
+    gone = {step.path for step in steps if step.action is StepAction.REMOVED}
     left = [p for p in path.iterdir() if str(p) not in gone]
     if left:
-        steps.append(Step(Action.KEPT, str(path), f"not empty: {len(left)} entries"))
+        steps.append(Step(StepAction.KEPT, str(path), f"not empty: {len(left)} entries"))
         return
     if not dry_run:
         path.rmdir()
-    steps.append(Step(Action.REMOVED, str(path)))
+    steps.append(Step(StepAction.REMOVED, str(path)))
 
 
 # -- kmodctl glue -------------------------------------------------------------------------

@@ -328,7 +328,7 @@ def config_key(config_paths: Sequence[str | Path]) -> str | None:
     return digest.hexdigest()
 
 
-def _step(action: libkmod.Action) -> LoadStep | None:
+def _step(action: libkmod.PrintAction) -> LoadStep | None:
     """modprobe's print_action: install, insmod, builtin, or nothing (an alias-only
     object with neither a file nor an install command that kmod would use)."""
     if action.install:

@@ -25,6 +25,7 @@ from kmodd.policy.engine import (
     CompiledRule,
     Decision,
     Request,
+    Via,
     decide,
     is_glob,
 )
@@ -123,7 +124,7 @@ def denied_requests(
 
 
 def _by_request(decision: Decision) -> bool:
-    return any(step.via == "request" and step.verdict is Verdict.DENY for step in decision.trace)
+    return any(step.via is Via.REQUEST and step.verdict is Verdict.DENY for step in decision.trace)
 
 
 def _header(policy: CompiledPolicy, what: str) -> list[str]:
