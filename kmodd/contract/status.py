@@ -30,7 +30,7 @@ class GenerationInfo(TypedDict):
 
 class ReloadInfo(TypedDict):
     ok: bool
-    cause: str  # start | signal | control | watch: PATHS | coalesced
+    cause: str  # start | signal | control | watch: PATHS
     at: float
     duration_s: float
     generation: int | None  # the new one on success, the kept one on failure

@@ -127,6 +127,9 @@ def test_status_document(shared: tuple[SystemRoot, Daemon]) -> None:
         "reason": "kernel.modprobe is not managed by this daemon",
     }
     assert doc["layers"]["kernel"]["active"] is False
+    assert doc["layers"]["udev"]["active"] is False  # --no-udev
+    assert doc["watcher"] == {"running": True, "errors": 0}  # counted, shown, none yet
+    assert doc["udev"] is None
     human = kmodctl(sr, "status")
     assert human.returncode == 0, human.stderr
     assert "generation:" in human.stdout and "algif_aead (rule copy-fail)" in human.stdout
