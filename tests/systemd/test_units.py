@@ -133,3 +133,39 @@ def test_tmpfiles_creates_the_runtime_dirs(tmp_path: Path) -> None:
         st = (root / directory).stat()
         assert stat.S_ISDIR(st.st_mode)
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)
+
+
+def unit_values(path: Path, section: str, key: str) -> list[str]:
+    """Every word of KEY= in SECTION (repeated keys add up, as systemd reads them)."""
+    words: list[str] = []
+    current = ""
+    for line in path.read_text().splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and line.startswith(f"{key}="):
+            words += line.partition("=")[2].split()
+    return words
+
+
+def test_boot_ordering_keeps_kmodd_off_the_critical_chain(tmp_path: Path) -> None:
+    """The boot step (and, on the slow path, the wait) is what udev and modules-load.d
+    wait for; kmodd.service itself waits for nothing of sysinit and blocks nothing."""
+    units = {p.name: p for p in rendered_units(tmp_path)}
+    early = {"systemd-udevd.service", "systemd-udev-trigger.service"}
+    early |= {"systemd-modules-load.service", "sysinit.target"}
+    for name in ("kmodd-boot-publish.service", "kmodd-boot-wait.service"):
+        assert early <= set(unit_values(units[name], "Unit", "Before")), name
+        assert unit_values(units[name], "Unit", "DefaultDependencies") == ["no"]
+        assert unit_values(units[name], "Service", "ExecStart")[:2] == ["/usr/bin/python3", "-IS"]
+    service = units["kmodd.service"]
+    assert unit_values(service, "Unit", "Before") == ["shutdown.target"]
+    assert "kmodd-boot-publish.service" in unit_values(service, "Unit", "After")
+    # The wait must not be ordered after the daemon (udev would wait for it every boot).
+    wait = units["kmodd-boot-wait.service"]
+    assert "kmodd.service" not in unit_values(wait, "Unit", "After")
+    assert unit_values(wait, "Unit", "ConditionPathExists") == ["!/run/kmodd/published"]
+    assert unit_values(service, "Service", "RestartPreventExitStatus") == ["78"]
+    assert unit_values(service, "Install", "Also") == [
+        "kmodd-boot-publish.service",
+        "kmodd-boot-wait.service",
+    ]
