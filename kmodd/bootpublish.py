@@ -78,7 +78,7 @@ PUBLISHED_FILE = "published"  # in the runtime dir: who put enforcement in place
 RUNTIME_DIR = "/run/kmodd"
 RUNTIME_DIR_ENV = "KMODD_RUNTIME_DIR"
 SNAPSHOT_FILE = "snapshot"
-MODPROBE_PREVIOUS = "modprobe_path.previous"  # = kmodd.daemon.modprobe_path.PREVIOUS_FILE
+MODPROBE_PREVIOUS = "modprobe_path.previous"  # = kmodd.host.modprobe_path.PREVIOUS_FILE
 PROC_MODPROBE = "/proc/sys/kernel/modprobe"
 
 EXIT_OK = 0
@@ -329,7 +329,7 @@ def read_payloads(store: str, files: dict[str, tuple[str, str, int]]) -> dict[st
 
 
 def write_atomic(path: str, data: bytes, mode: int) -> None:
-    """Temp file + rename, names relative to an O_NOFOLLOW dir fd (kmodd.daemon.atomic's
+    """Temp file + rename, names relative to an O_NOFOLLOW dir fd (kmodd.atomic's
     rules, which this file may not import), but no fsync: everything written here is in
     /run, which no crash outlives, and readers only need the rename's atomicity (the six
     fsyncs were 18 of 45 ms on a disk-backed test root)."""
@@ -357,7 +357,7 @@ def write_atomic(path: str, data: bytes, mode: int) -> None:
 
 
 def point_modprobe(sysctl: str, helper: str, runtime: str) -> str:
-    """kernel.modprobe -> HELPER as the daemon does it (kmodd.daemon.modprobe_path):
+    """kernel.modprobe -> HELPER as the daemon does it (kmodd.host.modprobe_path):
     the replaced value remembered for uninstall, an empty value (autoload off) kept."""
     try:
         with open(sysctl, "rb") as handle:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from kmodd import bootpublish, helper
-from kmodd.daemon import modprobe_path, persist
+from kmodd.daemon import persist
+from kmodd.host import modprobe_path
 from kmodd.paths import Paths
 from tests.conftest import root_required
 

@@ -21,13 +21,14 @@ import dataclasses
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from kmodd import bootpublish
+from kmodd.atomic import write_atomic
+from kmodd.contract.journal import Priority
+from kmodd.contract.status import FallbackInfo, LastGoodInfo
 from kmodd.daemon import persist, records
-from kmodd.daemon.atomic import write_atomic
 from kmodd.daemon.generation import BuildOptions, Generation, build_generation, publish
-from kmodd.daemon.journal import JournalSink, Priority
+from kmodd.daemon.journal import JournalSink
 from kmodd.errors import KmoddError
 from kmodd.paths import POLICY_DIRS, Paths
 from kmodd.policy.loader import check_lost_dirs, dirs_in_use
@@ -53,7 +54,7 @@ class LastGood:
         self.kernel_modprobe: str | None = None  # set when the daemon manages the sysctl
         self.stored: persist.Stored | None = None
         self.refused: str | None = None
-        self.fallback: dict[str, Any] | None = None
+        self.fallback: FallbackInfo | None = None
         self.verified: str | None = None
         self.persist_note: str | None = None
         self.boot_published = self._read_published()
@@ -176,7 +177,7 @@ class LastGood:
             f"{stored.number} (built {built}{other}) from {self.paths.store_dir}; fix the "
             "policy, check it with `kmodctl validate`, then `kmodctl reload`"
         )
-        self.fallback = {"generation": stored.number, "hash": stored.hash, "message": text}
+        self.fallback = FallbackInfo(generation=stored.number, hash=stored.hash, message=text)
         self.sink.emit(records.notice(text, Priority.ERR))
         self._mark_published(f"daemon last-good generation {stored.number} hash {stored.hash}")
         return True
@@ -237,7 +238,7 @@ class LastGood:
         except (OSError, KmoddError) as err:
             self.sink.emit(records.notice(f"cannot write {path}: {err}", Priority.WARNING))
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> LastGoodInfo:
         s = self.stored
         with self._lock:
             pending = sorted(f"/{rel}" for rel in self._accepted)

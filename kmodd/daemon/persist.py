@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kmodd import __version__, bootpublish
-from kmodd.daemon.atomic import write_atomic
+from kmodd.atomic import write_atomic
 from kmodd.errors import KmoddError
 from kmodd.paths import Paths
 
