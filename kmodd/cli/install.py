@@ -481,7 +481,8 @@ VERBS: tuple[VerbSpec, ...] = (
         "kmodd.cli.install:run_install",
         _install_arguments,
         description="Put kmodd's system files in place (idempotent) and print what was done:"
-        f" /{HELPER_DEST} (0755, root), /{UNIT_DIR}/{{{','.join(UNITS)}}},"
+        f" /{HELPER_DEST} and /{BOOT_PUBLISH_DEST} (0755, root),"
+        f" /{UNIT_DIR}/{{{','.join(UNITS)}}},"
         f" /{SYSCTL_DEST}, /{TMPFILES_DEST}, /{POLICY_DEST}/*.yaml."
         " It does not enable or start anything.",
         epilog="examples:\n  kmodctl install --dry-run\n  kmodctl install\n"
@@ -494,7 +495,8 @@ VERBS: tuple[VerbSpec, ...] = (
         _common_arguments,
         description="Disable and stop the units (live system), point kernel.modprobe back at"
         " its previous value, remove every installed file, the rendered"
-        f" /{ENFORCEMENT_FILE} and the directories install created.",
+        f" /{ENFORCEMENT_FILE}, the last-good store /{bootpublish.STORE_DIR} and the"
+        " directories install created.",
         epilog="examples:\n  kmodctl uninstall --dry-run\n  kmodctl uninstall",
     ),
 )
