@@ -169,3 +169,16 @@ def test_boot_ordering_keeps_kmodd_off_the_critical_chain(tmp_path: Path) -> Non
         "kmodd-boot-publish.service",
         "kmodd-boot-wait.service",
     ]
+
+
+def test_verify_catches_an_ordering_cycle_of_the_boot_units(tmp_path: Path) -> None:
+    # Why kmodd-boot-wait is not After=kmodd.service and kmodd.service keeps
+    # DefaultDependencies=no: with both, sysinit.target -> wait -> kmodd -> sysinit.target.
+    # systemd-analyze verify builds the start transaction and finds it (systemd 252+).
+    units = {p.name: p for p in rendered_units(tmp_path)}
+    wait, service = units["kmodd-boot-wait.service"], units["kmodd.service"]
+    wait.write_text(wait.read_text().replace("[Unit]\n", "[Unit]\nAfter=kmodd.service\n", 1))
+    text = service.read_text().replace("DefaultDependencies=no", "DefaultDependencies=yes")
+    service.write_text(text)
+    code, err = verify(*units.values())
+    assert code != 0 and "ordering cycle" in err, err
