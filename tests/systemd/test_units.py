@@ -182,3 +182,16 @@ def test_verify_catches_an_ordering_cycle_of_the_boot_units(tmp_path: Path) -> N
     service.write_text(text)
     code, err = verify(*units.values())
     assert code != 0 and "ordering cycle" in err, err
+
+
+def test_boot_units_are_hardened(tmp_path: Path) -> None:
+    # 1.7 (publish: writes /run and kernel.modprobe, reads the module tree) and 1.3 (wait).
+    units = {p.name: p for p in rendered_units(tmp_path)}
+    for name in ("kmodd-boot-publish.service", "kmodd-boot-wait.service"):
+        result = subprocess.run(
+            ["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(units[name])],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout[-400:]
