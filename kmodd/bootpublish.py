@@ -444,7 +444,10 @@ def wait_for_daemon(runtime: str, seconds: float) -> tuple[int, str]:
     while True:
         data = _read_bounded(path, 4096)
         if data:
-            return EXIT_OK, "enforcement in place: " + data.decode(errors="replace").strip()
+            text = data.decode(errors="replace").strip()
+            if text.startswith("none"):  # the daemon gave up: udev goes on, said loudly
+                return EXIT_REFUSED, f"kmodd enforces nothing ({text})"
+            return EXIT_OK, "enforcement in place: " + text
         if time.monotonic() >= deadline:
             return EXIT_REFUSED, (
                 f"kmodd published nothing within {seconds:g} s: udev starts without the "

@@ -135,6 +135,9 @@ def test_wait_ends_when_somebody_published(tmp_path: Path) -> None:
     cmd = ["/usr/bin/python3", "-IS", str(PUBLISHER), "--runtime-dir", str(runtime)]
     out = subprocess.run([*cmd, "--wait", "5"], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "daemon generation 3" in out.stdout
+    (runtime / bootpublish.PUBLISHED_FILE).write_text("none: no enforcement: ...\n")
+    out = subprocess.run([*cmd, "--wait", "5"], capture_output=True, text=True, check=False)
+    assert out.returncode == 1 and "kmodd enforces nothing (none: no enforcement" in out.stdout
     (runtime / bootpublish.PUBLISHED_FILE).unlink()
     out = subprocess.run([*cmd, "--wait", "0.1"], capture_output=True, text=True, check=False)
     assert out.returncode == 1 and "published nothing within 0.1 s" in out.stdout
