@@ -30,8 +30,10 @@ from kmodd.daemon import persist, records
 from kmodd.daemon.generation import BuildOptions, Generation, build_generation, publish
 from kmodd.daemon.journal import JournalSink
 from kmodd.errors import KmoddError
+from kmodd.host.cmdline import read_mode_override
 from kmodd.paths import POLICY_DIRS, Paths
 from kmodd.policy.loader import check_lost_dirs, dirs_in_use
+from kmodd.policy.types import Mode
 
 EXIT_NO_ENFORCEMENT = 78  # EX_CONFIG; kmodd.service: RestartPreventExitStatus=78
 
@@ -161,6 +163,11 @@ class LastGood:
         """The policy is invalid and no generation is active: publish the stored one."""
         stored = self.stored
         if stored is None:
+            return False
+        override = read_mode_override(self.options.cmdline)
+        if override is not None and override is not Mode.ENFORCE:
+            # The escape hatch says block nothing: the stored generation would block.
+            self.refused = f"kmodd.mode={override.value} on the kernel command line: not enforced"
             return False
         try:
             data = persist.payloads(self.paths, stored)

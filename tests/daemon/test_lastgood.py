@@ -186,6 +186,21 @@ def test_invalid_policy_at_start_publishes_the_last_good(sr: SystemRoot) -> None
     assert daemon.stop() == 0
 
 
+def test_escape_hatch_is_not_overridden_by_the_last_good(sr: SystemRoot) -> None:
+    run_once(sr)
+    reboot(sr)
+    sr.write_policy("kmodd: 2\n")
+    sr.cmdline.write_text("quiet kmodd.mode=permissive\n")
+    proc = subprocess.run(
+        [*Daemon(sr).argv(), "--log-stderr"], capture_output=True, text=True, cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_"))},
+        timeout=200, check=False,
+    )  # fmt: skip
+    assert proc.returncode == EXIT_NO_ENFORCEMENT, proc.stderr[-2000:]
+    assert "kmodd.mode=permissive on the kernel command line: not enforced" in proc.stderr
+    assert not sr.enforcement.exists()
+
+
 def test_invalid_policy_and_no_store_is_not_ready(sr: SystemRoot) -> None:
     sr.write_policy("kmodd: 2\n")
     daemon = Daemon(sr)
