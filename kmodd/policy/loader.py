@@ -86,11 +86,14 @@ def dirs_in_use(paths: Paths) -> tuple[str, ...]:
 def check_lost_dirs(paths: Paths, previous: Sequence[str], accepted: Collection[str]) -> None:
     """Refuse a generation that lost a policy dir the last good one had files in (moved
     away, unmounted, deleted), unless the admin said so (`kmodctl reload --accept-removed
-    DIR`): a reload with zero files would quietly allow everything the dir denied."""
+    DIR`): a reload with zero files would quietly allow everything the dir denied.
+    Not the runtime dir (run/kmodd/policy.d): it is gone after every reboot by design,
+    and only root may remove it (its parents are checked like every policy dir's)."""
     issues = []
     for rel in previous:
         directory = paths.root / rel
-        if rel in accepted or rel not in POLICY_DIRS or directory.is_dir():
+        volatile = rel == POLICY_DIRS[-1]
+        if rel in accepted or rel not in POLICY_DIRS or volatile or directory.is_dir():
             continue
         message = "policy dir is gone, but the last good generation had policy files in it"
         hint = f"restore it; to drop it on purpose: kmodctl reload --accept-removed /{rel}"

@@ -248,3 +248,5 @@ def test_lost_policy_dir_is_refused_unless_accepted(tmp_path: Path) -> None:
     assert found.startswith(f"{tmp_path}/etc/kmodd/policy.d: policy dir is gone")
     assert "kmodctl reload --accept-removed /etc/kmodd/policy.d" in found
     check_lost_dirs(paths, had, {"etc/kmodd/policy.d"})
+    # The runtime dir is volatile by design (a reboot empties /run): never a lost dir.
+    check_lost_dirs(paths, ("run/kmodd/policy.d",), ())
