@@ -271,3 +271,26 @@ def test_policy_dir_with_a_parent_owned_by_a_user_is_refused(sr: SystemRoot) -> 
     assert daemon.status()["generation"]["number"] == number
     assert run_helper(sr, "-q", "--", "algif-aead") == (1, None)
     assert daemon.stop() == 0
+
+
+def test_boot_step_points_kernel_modprobe_where_the_daemon_did(sr: SystemRoot) -> None:
+    sysctl = sr.root.parent / "kernel.modprobe"  # stands in for /proc/sys/kernel/modprobe
+    sysctl.write_text("/sbin/modprobe\n")
+    helper_path = sr.root.parent / "kmodd-modprobe"
+    shutil.copyfile(REPO / "kmodd/helper.py", helper_path)
+    helper_path.chmod(0o755)
+    extra = ["--modprobe-sysctl", str(sysctl), "--helper-path", str(helper_path)]
+    daemon = Daemon(sr, extra=extra).start()
+    assert daemon.stop() == 0
+    reboot(sr)
+    sysctl.write_text("/sbin/modprobe\n")  # what the kernel boots with
+    out = boot_publish(sr, "--modprobe-sysctl", str(sysctl))
+    assert out.returncode == 0, out.stdout
+    assert f"kernel.modprobe -> {helper_path} (was /sbin/modprobe)" in out.stdout
+    assert sysctl.read_text() == f"{helper_path}\n"
+    # The daemon started after it finds it done and keeps the admin's value for uninstall.
+    daemon = Daemon(sr, extra=extra).start()
+    km = daemon.wait_status(lambda d: d["kernel_modprobe"]["managed"])["kernel_modprobe"]
+    assert km["points_at_helper"] is True
+    assert (sr.runtime / "modprobe_path.previous").read_text() == "/sbin/modprobe\n"
+    assert daemon.stop() == 0
