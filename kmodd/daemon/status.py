@@ -199,6 +199,7 @@ def status(core: CoreView) -> StatusDocument:
         layers=layers(core),
         watcher=_watcher(core),
         udev=_udev(core),
+        last_good=core.last_good,
     )
 
 
