@@ -46,6 +46,7 @@ PACKAGE = REPO_ROOT / "kmodd"
 _ALL = frozenset({"kmod", "bpf", "policy", "contract", "host", "daemon", "cli"})
 FORBIDDEN: dict[str, frozenset[str]] = {
     "helper": _ALL | {"", "errors", "paths", "wire", "atomic"},  # stdlib only
+    "bootpublish": _ALL | {"", "errors", "paths", "wire", "atomic"},  # stdlib only, at boot
     "kmod": frozenset({"policy", "contract", "host", "daemon", "cli"}),
     "bpf": frozenset({"policy", "contract", "host", "daemon", "cli"}),
     "policy": frozenset({"contract", "host", "daemon", "cli"}),
