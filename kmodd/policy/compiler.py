@@ -23,18 +23,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from kmodd import helper
-from kmodd.kmod.model import Resolution
+from kmodd.kmod.model import Resolution, StepKind
 from kmodd.policy.engine import (
     CompiledPolicy,
     CompiledRule,
     Decision,
+    Globs,
     Request,
     decide,
     is_glob,
 )
+from kmodd.policy.requests import RequestClass, classify
 from kmodd.policy.types import Mode, Source, Verdict
 
 DEFAULT_HELPER_PATH = "/usr/local/libexec/kmodd/kmodd-modprobe"
@@ -87,7 +90,42 @@ class ModuleTree(Protocol):
 LIBKMOD_SOURCES = frozenset({Source.UDEV, Source.CLI})
 
 
-def module_verdict(policy: CompiledPolicy, module: str) -> tuple[Verdict, str] | None:
+Reach = Callable[[CompiledRule], "frozenset[str] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class Walk:
+    """Where module_verdict's walk over the rules stopped for one module."""
+
+    verdict: Verdict | None  # None: a conditional allow, modprobe.d cannot say
+    rule: str
+    index: int  # the rule that decided (len(rules) for the default)
+
+
+def module_walk(policy: CompiledPolicy, module: str, reach: Reach | None = None) -> Walk:
+    """module_verdict with the index of the deciding rule (kmodd.policy.coverage)."""
+    hits = policy.module_hits(module)
+    for index, rule in enumerate(policy.rules):
+        if rule.modules is not None and index not in hits:
+            continue
+        if reach is not None and rule.requests is not None:
+            reached = reach(rule)
+            if reached is not None and module not in reached:
+                continue
+        if not _conditional(rule):
+            return Walk(rule.info.verdict, rule.info.id, index)
+        sources = rule.sources if _source_only(rule) else None
+        if sources is not None and not sources.isdisjoint(LIBKMOD_SOURCES):
+            verdict = Verdict.DENY if rule.info.verdict is Verdict.DENY else None
+            return Walk(verdict, rule.info.id, index)
+        if rule.info.verdict is Verdict.ALLOW:
+            return Walk(None, rule.info.id, index)
+    return Walk(policy.default, "default", len(policy.rules))
+
+
+def module_verdict(
+    policy: CompiledPolicy, module: str, reach: Reach | None = None
+) -> tuple[Verdict, str] | None:
     """The verdict on MODULE that modprobe.d can carry, or None when it cannot.
 
     Walk the rules in order as decide() would for a load-set module: a rule whose
@@ -99,20 +137,76 @@ def module_verdict(policy: CompiledPolicy, module: str) -> tuple[Verdict, str] |
     rule is the helper's: a deny leaves the others to later rules, an allow means a
     kernel request may load the module, so nothing can be rendered.  Any other
     conditional allow (request/class/requester keys) means some request may load the
-    module: None; a conditional deny leaves the others to later rules.
+    module: None; a conditional deny leaves the others to later rules.  REACH (see
+    request_reach) tells which modules a rule with a request key can touch at all: a
+    rule whose requests never load MODULE is skipped.
     """
-    hits = policy.module_hits(module)
-    for index, rule in enumerate(policy.rules):
-        if rule.modules is not None and index not in hits:
-            continue
-        if not _conditional(rule):
-            return rule.info.verdict, rule.info.id
-        sources = rule.sources if _source_only(rule) else None
-        if sources is not None and not sources.isdisjoint(LIBKMOD_SOURCES):
-            return (Verdict.DENY, rule.info.id) if rule.info.verdict is Verdict.DENY else None
-        if rule.info.verdict is Verdict.ALLOW:
+    walk = module_walk(policy, module, reach)
+    return None if walk.verdict is None else (walk.verdict, walk.rule)
+
+
+def request_reach(tree: ModuleTree) -> Reach:
+    """For a rule with a `request` key: every module a name it matches can resolve to or
+    load (the rule cannot apply to any other module).  Exact names: what they resolve
+    to.  Globs: over-approximated (safe: a bigger set only renders less), through every
+    module name the glob matches and every alias pattern whose literal prefix is
+    compatible with the glob's (a glob-to-glob overlap test would be exact but costly)."""
+    memo: dict[int, frozenset[str]] = {}
+
+    def reach(rule: CompiledRule) -> frozenset[str] | None:
+        if rule.requests is None:
             return None
-    return policy.default, "default"
+        key = id(rule)
+        if key not in memo:
+            memo[key] = _reach(tree, rule.requests)
+        return memo[key]
+
+    return reach
+
+
+def _reach(tree: ModuleTree, requests: Globs) -> frozenset[str]:
+    targets = set(requests.exact)
+    if requests.globs:
+        prefixes = tuple(_literal(g) for g in requests.globs)
+        targets.update(m for m in tree.module_names() if requests.matches(helper.normalize(m)))
+        for pattern, module in (*tree.alias_patterns(), *tree.config_aliases()):
+            lit = _literal(pattern)
+            if any(lit.startswith(p) or p.startswith(lit) for p in prefixes):
+                targets.add(module)
+    found: set[str] = set()
+    for name in targets:
+        res = tree.resolve(name)
+        found.update(res.modules, res.load_set)
+    return frozenset(found)
+
+
+def _literal(pattern: str) -> str:
+    """The part of PATTERN before its first wildcard."""
+    cut = min((i for i in map(pattern.find, "*?[") if i >= 0), default=len(pattern))
+    return pattern[:cut]
+
+
+def rendered_denies(
+    policy: CompiledPolicy, tree: ModuleTree, reach: Reach | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(module -> rule) that 00-kmodd.conf denies, and (module -> rule) of denied
+    built-in modules it leaves out: built-in code is never loaded, modprobe.d cannot stop
+    it (kmodctl cmdline gives initcall_blacklist=).  Enforce mode only."""
+    if policy.mode is not Mode.ENFORCE:
+        return {}, {}
+    reach = request_reach(tree) if reach is None else reach
+    denied: dict[str, str] = {}
+    builtin: dict[str, str] = {}
+    for module in tree.module_names():
+        found = module_verdict(policy, module, reach)
+        if found is None or found[0] is not Verdict.DENY:
+            continue
+        steps = tree.resolve(module).steps
+        if any(s.kind is StepKind.BUILTIN and s.module == module for s in steps):
+            builtin[module] = found[1]
+        else:
+            denied[module] = found[1]
+    return denied, builtin
 
 
 def _conditional(rule: CompiledRule) -> bool:
@@ -213,11 +307,11 @@ def render_enforcement(
     if decide_fn is None:
         decide_fn = decide
     lines.append("")
-    for module in ctx.module_names():
-        found = module_verdict(policy, module)
-        if found is None or found[0] is Verdict.ALLOW:
-            continue
-        lines.extend(_deny_lines(module, found[1], deny_stub, blacklist=True))
+    denied, builtin = rendered_denies(policy, ctx)
+    for module, rule in denied.items():
+        lines.extend(_deny_lines(module, rule, deny_stub, blacklist=True))
+    for module, rule in builtin.items():
+        lines.append(f"# rule {rule}: {module} is built in; see `kmodctl cmdline`")
     for name, rule in denied_requests(policy, ctx, decide_fn):
         lines.extend(_deny_lines(name, rule, deny_stub, blacklist=False))
     return "\n".join(lines) + "\n"
@@ -233,10 +327,12 @@ def _deny_lines(name: str, rule: str, stub: str, *, blacklist: bool) -> Iterable
     return [f"# rule {rule}", f"softdep {name} pre:", install, f"blacklist {name}"]
 
 
-def snapshot_names(ctx: ModuleTree) -> dict[str, str]:
-    """KEY (normalized) → name to decide: every module, then every exact request alias."""
+def snapshot_names(ctx: ModuleTree, policy: CompiledPolicy | None = None) -> dict[str, str]:
+    """KEY (normalized) → name to decide: every module, every exact request alias, and
+    every exact request name a rule of POLICY lists (so a glob row never answers it)."""
     keys: dict[str, str] = {}
-    for name in (*ctx.module_names(), *exact_request_aliases(ctx)):
+    named = [n for r in policy.rules if r.requests for n in r.requests.exact] if policy else []
+    for name in (*ctx.module_names(), *exact_request_aliases(ctx), *sorted(named)):
         key = helper.normalize(name)
         if _SHELL_SAFE.match(key) and " " not in key:
             keys.setdefault(key, name)
@@ -259,11 +355,10 @@ def render_snapshot(
         f"generation {generation}\nmode {mode}\nmodprobe {modprobe}\nhash {policy.hash or '-'}\n\n"
     )
     rows = []
-    keys = snapshot_names(ctx)
+    keys = snapshot_names(ctx, policy)
     for key, name in sorted(keys.items()):
         decision = decide_fn(Request(name, Source.KERNEL), ctx.resolve(name), policy)
-        verdict = "d" if decision.verdict is Verdict.DENY else "a"
-        rows.append(f"{key} {verdict} {decision.rule}\n")
+        rows.append(f"{key} {'d' if decision.verdict is Verdict.DENY else 'a'} {decision.rule}\n")
     globs = [f"{p} d {rule}\n" for p, rule in snapshot_globs(policy, ctx, decide_fn, keys)]
     body = "".join(rows) + helper.SNAPSHOT_GLOBS.decode() + "".join(globs)
     return helper.SNAPSHOT_MAGIC + head.encode() + body.encode() + b"end\n"
@@ -275,24 +370,31 @@ def snapshot_globs(
     """(pattern, rule) the helper denies any name matching, after an exact-key miss.
 
     A name that is not a key reaches a module only through an alias: every alias pattern
-    of the tree (wildcard or not, e.g. `char_major_67_*` → coda, `platform:foo`) whose
-    module a kernel request for it would deny; then the request globs of deny rules that
-    hold for kernel requests (no class/requester key; only when no earlier rule with a
-    request or class key could allow first, else the pattern is left to the daemon and
-    modprobe.d, and coverage says so).  Deny-only: a miss on every row runs modprobe,
-    where modprobe.d still blocks the rendered denies."""
-    verdicts: dict[str, str | None] = {}
+    of the tree (wildcard or not, e.g. `char_major_67_*` → coda, `platform:foo`) that a
+    kernel request would be denied for, decided with the pattern standing in for the name
+    (its class comes from its literal prefix; a request glob of a rule is matched against
+    the pattern text: exact where rule globs and alias patterns do not overlap partly,
+    which kmodd.policy.coverage reports); then the request globs of deny rules that hold
+    for kernel requests (no class/requester key; only up to the first request or class
+    allow rule, else the pattern is left to the daemon and modprobe.d, and coverage says
+    so).  Deny-only: a miss on every row runs modprobe, where modprobe.d still blocks."""
+    memo: dict[tuple[object, ...], str | None] = {}
+    with_requests = [i for i, r in enumerate(policy.rules) if r.requests is not None]
     out: dict[str, str] = {}
-    for pattern, module in ctx.alias_patterns():
+    for pattern, module, stand_in, klass in _classified(ctx.alias_patterns()):
         if pattern in keys or not _SNAPSHOT_SAFE.match(pattern):
             continue
-        if module not in verdicts:
-            d = decide_fn(Request(module, Source.KERNEL), ctx.resolve(module), policy)
-            verdicts[module] = d.rule if d.verdict is Verdict.DENY else None
-        rule = verdicts[module]
+        # The decision depends on the name only through its class and the request rules
+        # it matches: one decide() per (module, class, matches).
+        hits = tuple(i for i in with_requests if _matches(policy.rules[i], stand_in))
+        key = (module, klass, hits)
+        if key not in memo:
+            d = decide_fn(Request(stand_in, Source.KERNEL), ctx.resolve(module), policy)
+            memo[key] = d.rule if d.verdict is Verdict.DENY else None
+        rule = memo[key]
         if rule is not None:
             out.setdefault(pattern, rule)
-    for rule_ in _kernel_request_denies(policy):
+    for rule_ in kernel_request_denies(policy):
         assert rule_.requests is not None
         for pattern in sorted(rule_.requests.exact | set(rule_.requests.globs)):
             if _SNAPSHOT_SAFE.match(pattern):
@@ -300,11 +402,37 @@ def snapshot_globs(
     return sorted(out.items())
 
 
+def _matches(rule: CompiledRule, name: str) -> bool:
+    return rule.requests is not None and rule.requests.matches(name)
+
+
+_Classified = list[tuple[str, str, str, RequestClass]]
+_classes_memo: tuple[tuple[tuple[str, str], ...], _Classified] | None = None
+
+
+def _classified(pairs: tuple[tuple[str, str], ...]) -> _Classified:
+    """(pattern, module, stand-in name, its class) for the tree's alias index, memoized
+    for the last index seen (the same tuple object while the index is unchanged;
+    classify() of ~30,000 patterns costs ~0.3 s)."""
+    global _classes_memo  # noqa: PLW0603 -- one slot per process, as _tree_requests
+    memo = _classes_memo
+    if memo is not None and memo[0] is pairs:
+        return memo[1]
+    # An instantiation-like stand-in ('0' for each wildcard): classes are decided by the
+    # literal prefix and the ':' of a device modalias (`acpi*:LTER0301:*` is a modalias).
+    stand_ins = ((p, m, _WILDCARD.sub("0", p)) for p, m in pairs)
+    found = [(p, m, name, classify(name)) for p, m, name in stand_ins]
+    if len(pairs) > 1000:
+        _classes_memo = (pairs, found)
+    return found
+
+
+_WILDCARD = re.compile(r"\[[^\]]*\]|[*?]")
 # Snapshot rows are space-separated and newline-terminated: a pattern is one token.
 _SNAPSHOT_SAFE = re.compile(r"^[\x21-\x5b\x5d-\x7e]{1,256}$")  # no backslash: kmod escapes
 
 
-def _kernel_request_denies(policy: CompiledPolicy) -> Iterable[CompiledRule]:
+def kernel_request_denies(policy: CompiledPolicy) -> Iterable[CompiledRule]:
     """Deny rules without a module key that hold for kernel requests by name alone,
     up to the first rule with a request or class key that is not such a rule."""
     for rule in policy.rules:

@@ -51,8 +51,11 @@ class RuleCoverage:
     gaps: tuple[str, ...]  # human sentences: what is NOT enforced and why
     remedy: str | None  # e.g. "add initcall_blacklist=algif_aead_init to the ..."
     location: str | None = None  # FILE:LINE of the rule
-    modules: tuple[str, ...] = ()  # modules of the tree the rule denies in modprobe.d
-    builtins: tuple[str, ...] = ()  # built-in modules the rule matches
+    modules: tuple[str, ...] = ()  # modules 00-kmodd.conf denies for this rule
+    builtins: tuple[str, ...] = ()  # built-in modules the rule denies: nothing stops them
+    unheld: tuple[str, ...] = ()  # modules it denies for some udev/cli loads, not held
+    overblocks: tuple[str, ...] = ()  # rendered for udev/cli only: kernel requests too
+    snapshot_gap: bool = False  # with the daemon down, the helper cannot hold it all
 
     @property
     def enforced(self) -> bool:
@@ -84,6 +87,36 @@ def default_remedy(builtins: Collection[str], loadable: Collection[str]) -> str 
     return f"add {' '.join(args)} to the kernel command line (see `kmodctl cmdline`)"
 
 
+@dataclass(frozen=True)
+class _Generation:
+    """What every rule's coverage is computed from, once per call."""
+
+    policy: CompiledPolicy
+    tree: CoverageTree
+    walks: dict[str, compiler.Walk]
+    rendered: dict[str, str]  # module -> rule, what 00-kmodd.conf denies
+    builtins: frozenset[str]
+    requests: frozenset[str]  # exact request names 00-kmodd.conf denies
+    reach: compiler.Reach
+    snapshot_rules: frozenset[str]  # request-glob deny rules the snapshot carries
+    kernel_active: bool
+    remedy: RemedyFn
+
+    @classmethod
+    def of(
+        cls, policy: CompiledPolicy, tree: CoverageTree, kernel_active: bool, remedy: RemedyFn
+    ) -> _Generation:
+        reach = compiler.request_reach(tree)
+        rendered, _builtin = compiler.rendered_denies(policy, tree, reach)
+        walks = {m: compiler.module_walk(policy, m, reach) for m in tree.module_names()}
+        requests = frozenset(n for n, _ in compiler.denied_requests(policy, tree, decide))
+        carried = frozenset(r.info.id for r in compiler.kernel_request_denies(policy))
+        return cls(
+            policy, tree, walks, rendered, frozenset(tree.builtin_names()), requests, reach,
+            carried, kernel_active, remedy,
+        )  # fmt: skip
+
+
 def rule_coverage(
     policy: CompiledPolicy,
     tree: CoverageTree,
@@ -91,191 +124,164 @@ def rule_coverage(
     kernel_active: bool = False,
     remedy: RemedyFn = default_remedy,
 ) -> tuple[RuleCoverage, ...]:
-    """One RuleCoverage per deny rule of POLICY, in rule order."""
-    builtins = frozenset(tree.builtin_names())
-    rendered = rendered_modules(policy, tree)
-    requests = {name for name, _rule in compiler.denied_requests(policy, tree, decide)}
-    out = []
-    for index, rule in enumerate(policy.rules):
-        if rule.info.verdict is Verdict.DENY:
-            out.append(
-                _one(
-                    policy,
-                    tree,
-                    index,
-                    builtins=builtins,
-                    rendered=rendered,
-                    requests=requests,
-                    kernel_active=kernel_active,
-                    remedy=remedy,
-                )
-            )
+    """One RuleCoverage per deny rule of POLICY, in rule order, then the default when it
+    denies."""
+    if policy.mode is not Mode.ENFORCE:
+        gap = (f"{policy.mode} mode: nothing is enforced",)
+        rules = [r for r in policy.rules if r.info.verdict is Verdict.DENY]
+        out = [RuleCoverage(r.info.id, frozenset(), gap, None, r.info.location) for r in rules]
+        if policy.default is Verdict.DENY:
+            out.append(RuleCoverage("default", frozenset(), gap, None))
+        return tuple(out)
+    gen = _Generation.of(policy, tree, kernel_active, remedy)
+    out = [
+        _one(gen, index)
+        for index, rule in enumerate(policy.rules)
+        if rule.info.verdict is Verdict.DENY
+    ]
     if policy.default is Verdict.DENY:
-        out.append(
-            _default(
-                policy,
-                tree,
-                builtins=builtins,
-                rendered=rendered,
-                kernel_active=kernel_active,
-                remedy=remedy,
-            )
-        )
+        out.append(_default(gen))
     return tuple(out)
 
 
 def rendered_modules(policy: CompiledPolicy, tree: compiler.ModuleTree) -> dict[str, str]:
-    """module → rule for the modules 00-kmodd.conf denies (enforce mode only)."""
-    if policy.mode is not Mode.ENFORCE:
-        return {}
-    out = {}
-    for module in tree.module_names():
-        found = compiler.module_verdict(policy, module)
-        if found is not None and found[0] is Verdict.DENY:
-            out[module] = found[1]
-    return out
+    """module → rule for the modules the policy denies in modprobe.d's terms: those
+    00-kmodd.conf renders plus the built-in ones it cannot (enforce mode only)."""
+    denied, builtin = compiler.rendered_denies(policy, tree)
+    return {**denied, **builtin}
 
 
-def _matched_modules(rule: CompiledRule, names: Iterable[str]) -> tuple[str, ...]:
-    if rule.modules is None:
-        return ()
-    return tuple(m for m in names if rule.modules.matches(normalize(m)))
+def _subjects(gen: _Generation, rule: CompiledRule) -> tuple[str, ...]:
+    """The modules RULE can deny: its `module` matches, else what its requests reach."""
+    if rule.modules is not None:
+        return tuple(m for m in gen.walks if rule.modules.matches(normalize(m)))
+    reached = gen.reach(rule) if rule.requests is not None else None
+    return tuple(sorted(reached)) if reached is not None else tuple(gen.walks)
 
 
-def _kernel_layers(rule: CompiledRule, kernel_active: bool) -> set[Layer]:
-    if rule.sources is not None and Source.KERNEL not in rule.sources:
-        return set()
-    return {Layer.HELPER, Layer.KERNEL} if kernel_active else {Layer.HELPER}
+def _libkmod(rule: CompiledRule) -> bool:
+    """The rule applies to loads that go through libkmod only (udev, cli)."""
+    if rule.requester is not None:  # udev and admin loads have no requester
+        return False
+    return rule.sources is None or not rule.sources.isdisjoint(compiler.LIBKMOD_SOURCES)
 
 
-def _one(
-    policy: CompiledPolicy,
-    tree: CoverageTree,
-    index: int,
-    *,
-    builtins: frozenset[str],
-    rendered: dict[str, str],
-    requests: set[str],
-    kernel_active: bool,
-    remedy: RemedyFn,
-) -> RuleCoverage:
-    rule = policy.rules[index]
-    rid = rule.info.id
-    if policy.mode is not Mode.ENFORCE:
-        return RuleCoverage(
-            rid,
-            frozenset(),
-            (f"{policy.mode} mode: nothing is enforced",),
-            None,
-            rule.info.location,
-        )
-    layers = _kernel_layers(rule, kernel_active)
-    gaps: list[str] = []
-    matched = _matched_modules(rule, tree.module_names())
-    mine = tuple(m for m in matched if rendered.get(m) == rid and m not in builtins)
-    built = tuple(m for m in matched if m in builtins)
-    libkmod_sources = rule.sources is None or not rule.sources.isdisjoint(compiler.LIBKMOD_SOURCES)
-    if mine:
+def _unheld(gen: _Generation, index: int, subjects: Iterable[str]) -> tuple[str, ...]:
+    """Subjects rule INDEX may deny for a udev/cli load that modprobe.d does not stop:
+    not rendered, not built in, and the walk did not stop at an unconditional rule
+    before INDEX (an earlier allow decides every load; None: a conditional allow stopped
+    it, so later rules still decide other loads)."""
+    out = []
+    for module in subjects:
+        walk = gen.walks[module]
+        if module in gen.rendered or module in gen.builtins:
+            continue
+        if walk.verdict is None or index < walk.index:
+            out.append(module)
+    return tuple(out)
+
+
+def _layers(gen: _Generation, rule: CompiledRule, held: bool) -> set[Layer]:
+    layers = set()
+    if rule.sources is None or Source.KERNEL in rule.sources:
+        layers.add(Layer.HELPER)
+        if gen.kernel_active:
+            layers.add(Layer.KERNEL)
+    if held:
         layers.add(Layer.MODPROBE_D)
-    if rule.modules is None and rule.requests is not None:
-        exact = sorted(n for n in requests if rule.requests.matches(normalize(n)))
-        if exact:
-            layers.add(Layer.MODPROBE_D)
-        if libkmod_sources:
-            gaps.append(_request_gap(rule, exact))
-    elif libkmod_sources:
-        gaps.extend(
-            _module_gaps(policy, rule, matched=matched, mine=mine, built=built, rendered=rendered)
+    return layers
+
+
+def _one(gen: _Generation, index: int) -> RuleCoverage:
+    rule = gen.policy.rules[index]
+    rid = rule.info.id
+    subjects = _subjects(gen, rule)
+    mine = tuple(m for m in subjects if gen.rendered.get(m) == rid)
+    names = sorted(n for n in gen.requests if rule.requests and rule.requests.matches(n))
+    built = tuple(
+        m
+        for m in subjects
+        if m in gen.builtins and gen.walks[m].rule == rid and gen.walks[m].verdict is Verdict.DENY
+    )
+    unheld = _unheld(gen, index, subjects) if _libkmod(rule) else ()
+    over = mine if rule.sources is not None and Source.KERNEL not in rule.sources else ()
+    kernel = rule.sources is None or Source.KERNEL in rule.sources
+    snap = kernel and (
+        rule.requester is not None
+        or (rule.modules is None and bool(rule.requests and rule.requests.globs)
+            and rid not in gen.snapshot_rules)
+    )  # fmt: skip
+    gaps = _gaps(rule, unheld=unheld, built=built, over=over, names=names, snapshot=snap)
+    fix = gen.remedy(built, unheld) if built or unheld else None
+    layers = _layers(gen, rule, bool(mine or names))
+    return RuleCoverage(
+        rid, frozenset(layers), gaps, fix, rule.info.location, mine, built, unheld, over, snap
+    )
+
+
+def _gaps(
+    rule: CompiledRule,
+    *,
+    unheld: tuple[str, ...],
+    built: tuple[str, ...],
+    over: tuple[str, ...],
+    names: list[str],
+    snapshot: bool,
+) -> tuple[str, ...]:
+    gaps = []
+    if unheld:
+        why = (
+            "its request/class keys are invisible to kmod"
+            if rule.requests is not None or rule.classes is not None
+            else "an earlier conditional allow decides first"
+        )
+        held = f" (exact request names held: {_few(names)})" if names else ""
+        gaps.append(
+            f"udev and admin loads of {_few(unheld)} are not held by modprobe.d: {why}{held}"
         )
     if built:
         gaps.append(f"built into the kernel: {_few(built)}; no module layer can stop built-in code")
+    if over:
+        gaps.append(
+            f"modprobe.d also refuses kernel requests for {_few(over)} that the policy may "
+            "allow (kmod cannot tell the helper's modprobe from udev's); add source kernel "
+            "or make the rule unconditional to agree"
+        )
     if rule.requester is not None:
         gaps.append(
-            "requester rule: only kernel autoloads with attribution are matched (udev and "
-            "admin loads have no requester; the rule never applies to them)"
+            "requester rule: only kernel autoloads the daemon attributes are matched; with "
+            "the daemon down the helper cannot tell the requester and the rule does not apply"
         )
-    loadable = tuple(m for m in matched if m not in builtins)
-    fix = remedy(built, loadable) if built or (gaps and loadable) else None
-    return RuleCoverage(rid, frozenset(layers), tuple(gaps), fix, rule.info.location, mine, built)
-
-
-def _module_gaps(
-    policy: CompiledPolicy,
-    rule: CompiledRule,
-    *,
-    matched: tuple[str, ...],
-    mine: tuple[str, ...],
-    built: tuple[str, ...],
-    rendered: dict[str, str],
-) -> list[str]:
-    gaps = []
-    conditional = rule.requests is not None or rule.classes is not None
-    if conditional and rule.requester is None:
+    elif snapshot:
         gaps.append(
-            "request/class keys: modprobe.d cannot tell which request loads a module, so "
-            "udev and admin loads of these modules are not held by this rule"
+            "with the daemon down, the helper's snapshot does not carry these request globs "
+            "(an earlier request/class allow rule may decide first): names outside the "
+            "snapshot are left to modprobe.d"
         )
-    elif rule.requester is None:
-        other = sorted(
-            m for m in matched if m not in mine and m not in built and rendered.get(m) is None
-        )
-        if other:
-            gaps.append(
-                f"{_few(other)}: an earlier conditional allow decides first, so "
-                "modprobe.d cannot hold the deny for udev and admin loads"
-            )
-    if rule.sources is not None and Source.KERNEL not in rule.sources and mine:
-        gaps.append(
-            "modprobe.d also stops kernel requests for "
-            f"{_few(mine)} that the policy allows (kmod cannot tell the helper's modprobe "
-            "from udev's); add source kernel or make the rule unconditional to agree"
-        )
-    del policy
-    return gaps
+    return tuple(gaps)
 
 
-def _request_gap(rule: CompiledRule, exact: list[str]) -> str:
-    assert rule.requests is not None
-    if rule.requests.globs or rule.classes is not None or rule.sources is not None:
-        return (
-            "request globs, class and source keys are seen by the helper only: udev and "
-            "admin loads by other names are not held"
-            + (f" (exact names rendered: {_few(exact)})" if exact else "")
-        )
-    return "module names are left to module rules: loading the module by its name is not held"
-
-
-def _default(
-    policy: CompiledPolicy,
-    tree: CoverageTree,
-    *,
-    builtins: frozenset[str],
-    rendered: dict[str, str],
-    kernel_active: bool,
-    remedy: RemedyFn,
-) -> RuleCoverage:
-    layers = {Layer.HELPER, Layer.KERNEL} if kernel_active else {Layer.HELPER}
-    mine = tuple(m for m, r in rendered.items() if r == "default" and m not in builtins)
+def _default(gen: _Generation) -> RuleCoverage:
+    layers = _layers(gen, CompiledRule(gen.policy.default_info, None, None, None, None), False)
+    mine = tuple(m for m, r in gen.rendered.items() if r == "default")
     if mine:
         layers.add(Layer.MODPROBE_D)
-    denied_builtins = tuple(
+    built = tuple(
         m
-        for m in sorted(builtins)
-        if compiler.module_verdict(policy, m) == (Verdict.DENY, "default")
+        for m, w in gen.walks.items()
+        if m in gen.builtins and w.rule == "default" and w.verdict is Verdict.DENY
     )
+    unheld = _unheld(gen, len(gen.policy.rules), gen.walks)
     gaps = []
-    if denied_builtins:
-        gaps.append(f"built into the kernel: {_few(denied_builtins)}; no module layer can stop it")
-    del tree
-    return RuleCoverage(
-        "default",
-        frozenset(layers),
-        tuple(gaps),
-        remedy(denied_builtins, ()) if denied_builtins else None,
-        None,
-        mine,
-        denied_builtins,
-    )
+    if unheld:
+        gaps.append(
+            f"udev and admin loads of {_few(unheld)} are not held by modprobe.d: an earlier "
+            "conditional allow decides first, the default deny holds for the other loads"
+        )
+    if built:
+        gaps.append(f"built into the kernel: {_few(built)}; no module layer can stop it")
+    fix = gen.remedy(built, unheld) if built or unheld else None
+    return RuleCoverage("default", frozenset(layers), tuple(gaps), fix, None, mine, built, unheld)
 
 
 def _few(names: Iterable[str], limit: int = 5) -> str:

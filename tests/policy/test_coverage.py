@@ -80,14 +80,36 @@ def test_source_and_request_conditions(ctx: KmodContext, tmp_path: Path) -> None
     cov = by_rule(policy, ctx)
     udev = cov["udev-usb"]
     assert udev.layers == {Layer.MODPROBE_D}
-    assert any("also stops kernel requests" in g for g in udev.gaps)
+    assert udev.modules == ("usb_storage",) and udev.overblocks == ("usb_storage",)
+    assert any("also refuses kernel requests" in g for g in udev.gaps)
     coda = cov["kern-coda"]
     assert coda.layers == {Layer.HELPER} and coda.enforced
     glob = cov["req-glob"]
-    assert glob.layers == {Layer.HELPER, Layer.MODPROBE_D}
-    assert glob.gaps
-    assert cov["cls"].layers == {Layer.HELPER} and cov["cls"].gaps
-    assert cov["who"].layers == {Layer.HELPER} and cov["who"].gaps
+    assert glob.layers == {Layer.HELPER, Layer.MODPROBE_D}  # fs_hfs, fs_hfsplus exact
+    assert set(glob.unheld) >= {"hfs", "hfsplus"}  # loaded by name: not this rule's
+    assert any("exact request names held: fs_hfs" in g for g in glob.gaps)
+    cls = cov["cls"]
+    assert cls.layers == {Layer.HELPER} and cls.unheld == ("sctp",)
+    assert any("request/class keys are invisible to kmod" in g for g in cls.gaps)
+    who = cov["who"]
+    assert who.layers == {Layer.HELPER} and who.snapshot_gap and who.unheld == ()
+
+
+def test_default_deny_after_a_conditional_allow(ctx: KmodContext, tmp_path: Path) -> None:
+    """An allow that only some requests reach leaves those modules to the daemon: the
+    default deny cannot be rendered for them, and coverage names them."""
+    policy = compiled(
+        tmp_path,
+        "default: deny\n"
+        "rules:\n"
+        "  - {id: gcm-ok, action: allow, match: {request: [gcm_base]}}\n"
+        "  - {id: ext4-ok, action: allow, match: {module: [ext4, jbd2, mbcache, crc16]}}\n",
+    )
+    (default,) = rule_coverage(policy, ctx)
+    assert default.rule == "default"
+    assert "gcm" in default.unheld and "ext4" not in default.unheld
+    assert "algif_aead" in default.modules  # rendered: no allow reaches it
+    assert default.remedy is not None and "module_blacklist=" in default.remedy
 
 
 def test_permissive_enforces_nothing(ctx: KmodContext) -> None:
