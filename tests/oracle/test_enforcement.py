@@ -1,8 +1,8 @@
 """The enforcement oracle (issue 10): denied means not loaded, asked of kmod and the helper.
 
 For the shipped baseline and for KMODD_ORACLE_POLICIES (default 500) generated
-policies per tree, 1,000 in all (random module/request/source/class rules over the real tree, seeded),
-on Debian 12's 6.1 tree and Debian 13's 6.12 tree (.ko.xz, usr/lib/modules):
+policies per tree, 1,000 in all (random module/request/source/class rules over the real
+tree, seeded), on Debian 12's 6.1 tree and Debian 13's 6.12 tree (.ko.xz, usr/lib/modules):
 - kmod 30's `modprobe -D` with `-C` the rendered file inserts no module the policy
   denies for udev or cli loads, for every name tried (the module, its aliases and
   instantiated wildcard aliases, modules that depend on it or name it as a softdep);
