@@ -11,8 +11,21 @@ from kmodd import wire
 from kmodd.cli import client
 from kmodd.cli.common import print_json, wants_json
 from kmodd.cli.verbs import Verb, VerbSpec
+from kmodd.contract.status import StatusDocument, parse_status
 from kmodd.errors import KmoddError
 from kmodd.paths import make_paths
+
+
+def _reload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--accept-removed",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="drop policy dir DIR on purpose: without this, a generation that lost a dir"
+        " the last good one had files in is refused (repeatable)",
+    )
+
 
 VERBS: tuple[VerbSpec, ...] = (
     VerbSpec(
@@ -21,17 +34,20 @@ VERBS: tuple[VerbSpec, ...] = (
         "kmodd.cli.online:status",
         description="Ask the running kmodd for its state: pid, uptime, policy generation"
         " and hash, mode, policy files, last reload (with errors), decision counters,"
-        " kernel.modprobe, enforcement file, conflicts, devices and loaded modules the"
-        " policy denies.  Exit 1 when the daemon is not running.",
+        " kernel.modprobe, the enforcing layers, watcher and udev counters, enforcement"
+        " file, conflicts, devices and loaded modules the policy denies.  Exit 1 when the"
+        " daemon is not running.",
         epilog="examples:\n  kmodctl status\n  kmodctl status --json | jq .decisions",
     ),
     VerbSpec(
         Verb.RELOAD,
         "reload the policy now and wait for the result",
         "kmodd.cli.online:reload",
+        add_arguments=_reload_arguments,
         description="Ask kmodd (root only) to build a new policy generation.  Waits until"
         " it is live; on failure prints every error (FILE:LINE:COL) and exits 1 while the"
         " daemon keeps the previous generation.",
+        epilog="examples:\n  kmodctl reload\n  kmodctl reload --accept-removed /etc/kmodd/policy.d",
     ),
 )
 
@@ -49,7 +65,7 @@ def _remote(err: wire.RemoteError) -> KmoddError:
 
 def status(args: argparse.Namespace) -> int:
     try:
-        doc = client.call(_socket(args), wire.Method.STATUS)
+        doc = parse_status(client.call(_socket(args), wire.Method.STATUS))
     except wire.RemoteError as err:
         raise _remote(err) from None
     if wants_json(args):
@@ -61,7 +77,10 @@ def status(args: argparse.Namespace) -> int:
 
 def reload(args: argparse.Namespace) -> int:
     try:
-        reply = client.call(_socket(args), wire.Method.RELOAD, timeout=client.RELOAD_TIMEOUT_S)
+        params = {"accept_removed": args.accept_removed} if args.accept_removed else None
+        reply = client.call(
+            _socket(args), wire.Method.RELOAD, params, timeout=client.RELOAD_TIMEOUT_S
+        )
     except wire.RemoteError as err:
         if err.name != wire.ErrorName.RELOAD_FAILED:
             raise _remote(err) from None
@@ -101,7 +120,7 @@ def _counts(counter: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in items) or "none"
 
 
-def _generation_lines(doc: dict[str, Any]) -> list[str]:
+def _generation_lines(doc: StatusDocument) -> list[str]:
     gen = doc.get("generation")
     if gen is None:
         return ["generation:  NONE (the helper decides from its last snapshot)"]
@@ -115,7 +134,7 @@ def _generation_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _reload_lines(doc: dict[str, Any]) -> list[str]:
+def _reload_lines(doc: StatusDocument) -> list[str]:
     last = doc.get("last_reload")
     if last is None:
         return []
@@ -126,16 +145,16 @@ def _reload_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _modprobe_line(doc: dict[str, Any]) -> str:
+def _modprobe_line(doc: StatusDocument) -> str:
     km = doc["kernel_modprobe"]
     if not km["managed"]:
         return "kernel.modprobe: not managed by this daemon"
     if km["points_at_helper"]:
         return f"kernel.modprobe: {km['current']} (the kmodd helper)"
-    return f"kernel.modprobe: {km['current']!r}, NOT the kmodd helper {km['expected']}"
+    return f"kernel.modprobe: {km['current']!r}, NOT the kmodd helper {km.get('expected')}"
 
 
-def _attribution_line(doc: dict[str, Any]) -> str:
+def _attribution_line(doc: StatusDocument) -> str:
     at = doc.get("attribution")
     if at is None:
         return "attribution: off (not the live system, or --no-attribution)"
@@ -147,19 +166,54 @@ def _attribution_line(doc: dict[str, Any]) -> str:
     )
 
 
-def render_status(doc: dict[str, Any]) -> str:
+def _last_good_lines(doc: StatusDocument) -> list[str]:
+    lg = doc.get("last_good")
+    if lg is None:
+        return []
+    if lg["fallback"] is not None:
+        return [f"last good:   ENFORCING IT: {lg['fallback']['message']}"]
+    stored = lg["stored"]
+    line = "none" if stored is None else f"generation {stored['generation']} in {lg['store']}"
+    notes = (lg["refused"], lg["persist_note"], lg["boot_published"])
+    return [f"last good:   {line}", *(f"  {note}" for note in notes if note)]
+
+
+def _layer_lines(doc: StatusDocument) -> list[str]:
+    layers = doc["layers"]
+    return ["layers:"] + [
+        f"  {name:<11} {'active' if state['active'] else 'INACTIVE'}: {state['reason']}"
+        for name, state in layers.items()
+    ]
+
+
+def _edges_lines(doc: StatusDocument) -> list[str]:
+    w, u = doc["watcher"], doc["udev"]
+    watcher = "off" if w is None else f"{w['errors']} failed round(s)"
+    udev = (
+        "no monitor"
+        if u is None
+        else f"{u['events']} event(s) ({u['source']}), {u['skipped']} skipped,"
+        f" {u['lost']} monitor failure(s)"
+    )
+    return [f"watcher:     {watcher}", f"udev:        {udev}"]
+
+
+def render_status(doc: StatusDocument) -> str:
     d = doc["decisions"]
     lines = [
         f"kmodd:       running, pid {doc['pid']}, up {_duration(doc['uptime_s'])}",
         *_generation_lines(doc),
         *_reload_lines(doc),
+        *_last_good_lines(doc),
         f"decisions:   {_counts(d['verdicts'])}",
         f"  by rule:   {_counts(d['rules'])}",
         f"  by source: {_counts(d['sources'])}",
         f"journal:     {doc['journal']['dropped']} record(s) dropped",
         _attribution_line(doc),
         _modprobe_line(doc),
+        *_edges_lines(doc),
         f"enforcement: {doc['enforcement_file']}",
+        *_layer_lines(doc),
     ]
     sections = (
         ("conflicts", doc["conflicts"], lambda c: f"{c['kind']} {c['module']}: {c['detail']}"),

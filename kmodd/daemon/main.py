@@ -19,19 +19,21 @@ from pathlib import Path
 from types import FrameType
 
 from kmodd import __version__, helper
+from kmodd.contract.journal import Priority
 from kmodd.daemon import records
 from kmodd.daemon.attribution import INSTANCE, Attributor
 from kmodd.daemon.core import Core, Edges
 from kmodd.daemon.events import ReloadCause, ReloadRequested, Stop
 from kmodd.daemon.generation import BuildOptions
-from kmodd.daemon.journal import JournalSink, Priority, default_sender, stream_sender
-from kmodd.daemon.modprobe_path import PROC_MODPROBE, ModprobePath, static_usermodehelper
+from kmodd.daemon.journal import JournalSink, default_sender, stream_sender
+from kmodd.daemon.lastgood import LastGood
 from kmodd.daemon.notify import Notifier
 from kmodd.daemon.relay import NotifyRelay
 from kmodd.daemon.server import Kind, Server, activated_sockets, bind_unix, prepare_runtime_dir
 from kmodd.errors import KmoddError
-from kmodd.paths import Paths, make_paths
-from kmodd.policy.compiler import DEFAULT_HELPER_PATH
+from kmodd.host.kconfig import static_usermodehelper
+from kmodd.host.modprobe_path import PROC_MODPROBE, ModprobePath
+from kmodd.paths import HELPER_PATH, Paths, make_paths
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 Cleanup = list[Callable[[], object]]
@@ -55,7 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--helper-path",
-        default=DEFAULT_HELPER_PATH,
+        default=HELPER_PATH,
         metavar="PATH",
         help="the installed helper, for kernel.modprobe and the deny stub",
     )
@@ -132,6 +134,7 @@ def _modprobe_path(args: argparse.Namespace, paths: Paths, core: Core) -> None:
     """Point kernel.modprobe at the helper (live root only) and say what the kernel does."""
     warning = static_usermodehelper(paths.release, paths.root)
     if warning is not None:
+        core.edges.static_usermodehelper = warning
         core.notes.append(warning)
         core.sink.emit(records.notice(warning, Priority.WARNING))
     # With --root the sysctl is only touched when named explicitly (tests, images).
@@ -151,6 +154,8 @@ def _modprobe_path(args: argparse.Namespace, paths: Paths, core: Core) -> None:
         core.sink.emit(records.notice(f"cannot manage kernel.modprobe: {err}", Priority.ERR))
         return
     core.edges.modprobe_path = mp
+    if core.edges.last_good is not None:  # the boot step points it there too next boot
+        core.edges.last_good.kernel_modprobe = args.helper_path
     core.sink.emit(records.notice(f"kernel.modprobe -> {args.helper_path} (was {previous})"))
 
 
@@ -165,6 +170,7 @@ def _watcher(args: argparse.Namespace, paths: Paths, core: Core, cleanup: Cleanu
         paths.enforcement_file.parent.mkdir(mode=0o755, exist_ok=True)
     watcher = Watcher(paths, core.post)
     watcher.start()
+    core.edges.watcher = watcher
     cleanup.append(watcher.stop)
 
 
@@ -182,6 +188,7 @@ def _udev(args: argparse.Namespace, paths: Paths, core: Core, cleanup: Cleanup) 
         core.sink.emit(records.notice(f"udev monitor unavailable: {err}", Priority.WARNING))
         return
     cleanup.append(source.stop)
+    core.edges.udev = source
 
     def coldplug() -> None:
         for device in source.coldplug():
@@ -232,7 +239,11 @@ def run(args: argparse.Namespace) -> int:
     relay = NotifyRelay(Notifier())
     relay.start()
     attributor = _attributor(args, sink)
-    edges = Edges(notifier=relay, reassert=args.reassert, attributor=attributor)
+    last_good = LastGood(paths, options, sink)
+    last_good.load()
+    edges = Edges(
+        notifier=relay, reassert=args.reassert, attributor=attributor, last_good=last_good
+    )
     core = Core(paths, options, sink, edges)
     cleanup: Cleanup = [sink.stop, relay.stop, core.close]
     if attributor is not None:

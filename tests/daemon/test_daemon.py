@@ -19,6 +19,7 @@ import pytest
 
 from kmodd import helper, wire
 from kmodd.cli import client
+from kmodd.contract.status import LAYERS, StatusDocument
 from kmodd.errors import KmoddError
 from tests.conftest import root_required
 from tests.daemon.running import BASE_POLICY, Daemon, SystemRoot, as_nobody, make_root, run_helper
@@ -117,6 +118,15 @@ def test_status_document(shared: tuple[SystemRoot, Daemon]) -> None:
         }
     ]
     assert doc["kernel_modprobe"]["managed"] is False  # --root is not /
+    # Every key of the shared type, and what this daemon (--root, enforce) can say of layers.
+    assert set(StatusDocument.__annotations__) - set(doc) == set()
+    assert set(doc["layers"]) == set(LAYERS)
+    assert doc["layers"]["modprobe_d"]["active"] is True
+    assert doc["layers"]["helper"] == {
+        "active": False,
+        "reason": "kernel.modprobe is not managed by this daemon",
+    }
+    assert doc["layers"]["kernel"]["active"] is False
     human = kmodctl(sr, "status")
     assert human.returncode == 0, human.stderr
     assert "generation:" in human.stdout and "algif_aead (rule copy-fail)" in human.stdout
@@ -435,22 +445,6 @@ def test_daemon_down_snapshot_still_decides(own: tuple[SystemRoot, Daemon]) -> N
     assert out.returncode == 1 and "not running" in out.stderr
 
 
-def test_invalid_policy_at_start_serves_errors_and_recovers(own: tuple[SystemRoot, Daemon]) -> None:
-    sr, daemon = own
-    sr.write_policy("kmodd: 2\n")
-    daemon.start()
-    doc = daemon.status()
-    assert doc["generation"] is None and doc["last_reload"]["ok"] is False
-    # No generation: the daemon answers "error" and the helper falls back; without any
-    # snapshot that is the default /sbin/modprobe (which finds no such module here).
-    code, record = run_helper(sr, "-q", "--", "algif-aead")
-    assert record is None and code != 0
-    assert daemon.status()["decisions"]["no_generation"] == 1
-    sr.write_policy(BASE_POLICY)
-    daemon.wait_status(lambda d: d["generation"] is not None)
-    assert run_helper(sr, "-q", "--", "algif-aead") == (1, None)
-
-
 def test_conflicting_install_line_is_reported(own: tuple[SystemRoot, Daemon]) -> None:
     sr, daemon = own
     # 00-aaa.conf sorts before 00-kmodd.conf: kmod takes its install command first.
@@ -499,7 +493,9 @@ def test_socket_files_are_removed_on_stop(own: tuple[SystemRoot, Daemon]) -> Non
     sr, daemon = own
     daemon.start()
     assert daemon.stop() == 0
-    assert sorted(p.name for p in sr.runtime.iterdir()) == ["kmod-mask", "snapshot"]
+    # `published` stays for the boot (kmodd-boot-wait.service): enforcement is in place.
+    names = sorted(p.name for p in sr.runtime.iterdir())
+    assert names == ["kmod-mask", "published", "snapshot"]
 
 
 def test_concurrent_reloads_are_coalesced_and_all_answered(own: tuple[SystemRoot, Daemon]) -> None:
