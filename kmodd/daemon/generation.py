@@ -185,6 +185,9 @@ class _Resolver:
     def config_aliases(self) -> tuple[tuple[str, str], ...]:
         return self.ctx.config_aliases()
 
+    def config_softdeps(self) -> tuple[tuple[str, str], ...]:
+        return self.ctx.config_softdeps()
+
 
 def _kept_for(key: tuple[object, ...] | None) -> dict[str, Resolution]:
     with _kept_lock:
