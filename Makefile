@@ -12,7 +12,7 @@ APT_PACKAGES := kmod libkmod2 libsystemd-dev pkg-config gcc python3-dev python3-
                 qemu-system-x86 udev systemd util-linux procps psmisc busybox-static \
                 ca-certificates file
 
-.PHONY: help apt venv kernel-tree test test-fast lint demo bench clean
+.PHONY: help apt venv kernel-tree trixie-chroot test test-fast lint demo bench clean
 
 help:
 	@echo "make test         install everything, then run the whole suite (what CI runs)"
@@ -39,8 +39,19 @@ $(VENV)/.stamp: pyproject.toml | apt
 
 venv: apt $(VENV)/.stamp
 
+# Debian 12's and Debian 13's kernel trees and Debian 13's kmod 34.2 (tests/kerneltree.py).
 kernel-tree: venv
 	$(VPY) -m tests.kerneltree
+
+# Optional: a Debian 13 chroot for experiments with its kmod 34.2 (the tests do not need
+# it: they run kmod 34 from the extracted packages).  ~80 s from deb.debian.org.
+TRIXIE_CHROOT ?= /var/cache/kmodd-dev/trixie
+trixie-chroot:
+	@command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap; }
+	test -x $(TRIXIE_CHROOT)/usr/bin/kmod || { rm -rf $(TRIXIE_CHROOT).tmp && \
+	    debootstrap --variant=minbase --include=kmod trixie $(TRIXIE_CHROOT).tmp http://deb.debian.org/debian && \
+	    mv $(TRIXIE_CHROOT).tmp $(TRIXIE_CHROOT); }
+	chroot $(TRIXIE_CHROOT) modprobe --version
 
 test: venv kernel-tree
 	$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)

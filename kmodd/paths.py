@@ -20,6 +20,18 @@ ENFORCEMENT_FILE = bootpublish.ENFORCEMENT_FILE
 # Where `kmodctl install` puts the helper and what kernel.modprobe points at (the sysctl.d
 # drop-in, the daemon's --helper-path default, the deny stub of the rendered file).
 HELPER_PATH = "/usr/local/libexec/kmodd/kmodd-modprobe"
+# Where a root keeps its kernels' modules, in the order kmodd looks: lib/modules (kmod 30
+# and Debian's kmod 34.2 are built with /lib/modules), then usr/lib/modules (kmod >= 32
+# can be built so; Debian 13's merged-/usr kernel packages, extracted, have only that).
+MODULE_BASES = ("lib/modules", "usr/lib/modules")
+
+
+def module_base(root: Path, release: str) -> str:
+    """MODULE_BASES entry holding ROOT's RELEASE (the first if none does)."""
+    for base in MODULE_BASES:
+        if (root / base / release).is_dir():
+            return base
+    return MODULE_BASES[0]
 
 
 class NoKernelError(KmoddError):
@@ -34,7 +46,8 @@ class Paths:
 
     @property
     def module_dir(self) -> Path:
-        return self.root / "lib/modules" / self.release
+        """ROOT/lib/modules/RELEASE, or ROOT/usr/lib/modules/RELEASE when only that exists."""
+        return self.root / module_base(self.root, self.release) / self.release
 
     @property
     def modprobe_d_dirs(self) -> tuple[Path, ...]:
@@ -67,16 +80,21 @@ class Paths:
 
 
 def default_release(root: Path) -> str:
-    """`uname -r` for the live root, else the only release under ROOT/lib/modules."""
+    """`uname -r` for the live root, else the only release under ROOT/lib/modules (or,
+    when that has none, ROOT/usr/lib/modules)."""
     if root == Path("/"):
         return os.uname().release
-    modules = root / "lib/modules"
-    releases = sorted(p.name for p in modules.iterdir() if p.is_dir()) if modules.is_dir() else []
-    if len(releases) == 1:
-        return releases[0]
-    found = ", ".join(releases) or "none"
+    for base in MODULE_BASES:
+        modules = root / base
+        found = sorted(p.name for p in modules.iterdir() if p.is_dir()) if modules.is_dir() else []
+        if found:
+            break
+    if len(found) == 1:
+        return found[0]
+    names = ", ".join(found) or "none"
+    where = " or ".join(str(root / b) for b in MODULE_BASES)
     raise NoKernelError(
-        f"cannot pick a kernel release under {modules} (found: {found})",
+        f"cannot pick a kernel release under {where} (found: {names})",
         hint="name one with --kernel RELEASE",
     )
 

@@ -6,7 +6,14 @@ import os
 
 import pytest
 
-from tests.kerneltree import KernelTree, KernelTreeError, ensure_kernel_tree
+from tests.kerneltree import (
+    KernelTree,
+    KernelTreeError,
+    Kmod34,
+    ensure_kernel_tree,
+    ensure_kmod34,
+    ensure_trixie_tree,
+)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -27,3 +34,26 @@ def kernel_tree() -> KernelTree:
         if IN_CI:
             pytest.fail(f"kernel tree unavailable in CI: {err}")
         pytest.skip(f"kernel tree unavailable: {err}")
+
+
+@pytest.fixture(scope="session")
+def trixie_tree() -> KernelTree:
+    """Debian 13's kernel image (6.12, .ko.xz under usr/lib/modules), through a private
+    apt configuration (tests/kerneltree.py); `make kernel-tree` builds it for CI."""
+    try:
+        return ensure_trixie_tree()
+    except KernelTreeError as err:
+        if IN_CI:
+            pytest.fail(f"Debian 13 kernel tree unavailable in CI: {err}")
+        pytest.skip(f"Debian 13 kernel tree unavailable: {err}")
+
+
+@pytest.fixture(scope="session")
+def kmod34() -> Kmod34:
+    """Debian 13's kmod 34.2 userland, extracted and run through its own ld.so."""
+    try:
+        return ensure_kmod34()
+    except KernelTreeError as err:
+        if IN_CI:
+            pytest.fail(f"kmod 34 unavailable in CI: {err}")
+        pytest.skip(f"kmod 34 unavailable: {err}")

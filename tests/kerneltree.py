@@ -11,7 +11,16 @@ Concurrency: an flock on `.cache/kernel/.lock` serializes builders (parallel pyt
 sessions, `make kernel-tree`); a tree is built in a temporary directory and renamed
 into place, so a half-built tree is never visible.
 
-`python -m tests.kerneltree` prints the root (the Makefile target `kernel-tree`).
+A second tree comes from Debian 13 "trixie" (`ensure_trixie_tree()`): the kernel image
+`linux-image-amd64` depends on there (6.12, `.ko.xz` modules under usr/lib/modules, no
+lib/modules), fetched through a private apt configuration (`TrixieApt`: its own
+sources.list, lists and caches under `.cache/apt-trixie`, so the host's apt state is never
+touched).  The same configuration fetches trixie's kmod 34.2 userland (`ensure_kmod34()`:
+kmod and the libraries it links, extracted, run through trixie's own ld.so), so kmod 34's
+behaviour is tested on this Debian 12 machine without a chroot.
+
+`python -m tests.kerneltree` builds all three and prints the roots (the Makefile target
+`kernel-tree`; CI runs it).
 """
 
 from __future__ import annotations
@@ -55,7 +64,18 @@ class KernelTree:
 
     @property
     def module_dir(self) -> Path:
-        return self.root / "lib/modules" / self.release
+        return _module_base(self.root) / "lib/modules" / self.release
+
+    @property
+    def dirname(self) -> Path:
+        """What `modprobe -d` / `depmod -b` take: ROOT, or ROOT/usr for a tree whose
+        modules live in usr/lib/modules only (kmod 30 and Debian's kmod 34.2 both look in
+        DIRNAME/lib/modules)."""
+        return _module_base(self.root)
+
+
+def _module_base(root: Path) -> Path:
+    return root if (root / "lib/modules").is_dir() else root / "usr"
 
 
 def cache_dir() -> Path:
@@ -105,9 +125,10 @@ def _candidate_version(package: str) -> str | None:
 
 
 def _tree_from(root: Path) -> KernelTree:
-    releases = sorted(p.name for p in (root / "lib/modules").iterdir() if p.is_dir())
+    base = _module_base(root) / "lib/modules"
+    releases = sorted(p.name for p in base.iterdir() if p.is_dir())
     if len(releases) != 1:
-        raise KernelTreeError(f"expected one release under {root}/lib/modules, got {releases}")
+        raise KernelTreeError(f"expected one release under {base}, got {releases}")
     release = releases[0]
     return KernelTree(root=root, release=release, vmlinuz=root / "boot" / f"vmlinuz-{release}")
 
@@ -123,25 +144,27 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _download(package: str, version: str, into: Path) -> Path:
+def _download(package: str, version: str, into: Path, apt: TrixieApt | None = None) -> Path:
     spec = f"{package}={version}"
+    opts = apt.options() if apt is not None else []
     try:
-        _run(["apt-get", "download", "-qq", spec], cwd=into)
+        _run(["apt-get", *opts, "download", "-qq", spec], cwd=into)
     except KernelTreeError:
-        _apt_update()  # stale lists point at a version the mirror no longer has
-        _run(["apt-get", "download", "-qq", spec], cwd=into)
+        # stale lists point at a version the mirror no longer has
+        apt.update() if apt is not None else _apt_update()
+        _run(["apt-get", *opts, "download", "-qq", spec], cwd=into)
     debs = sorted(into.glob(f"{package}_*.deb"))
     if not debs:
         raise KernelTreeError(f"apt-get download {spec} produced no .deb in {into}")
     return debs[0]
 
 
-def _build(package: str, version: str, final: Path) -> None:
+def _build(package: str, version: str, final: Path, apt: TrixieApt | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
     try:
         # apt's _apt sandbox user must be able to write the download dir.
         work.chmod(0o755)
-        deb = _download(package, version, work)
+        deb = _download(package, version, work, apt)
         root = work / "tree" / "root"
         root.mkdir(parents=True)
         _run(["dpkg-deb", "-x", str(deb), str(root)])
@@ -149,15 +172,15 @@ def _build(package: str, version: str, final: Path) -> None:
         for rel in EMPTY_DIRS:
             (root / rel).mkdir(parents=True, exist_ok=True)
         tree = _tree_from(root)
-        _run(["depmod", "-b", str(root), tree.release])
+        _run(["depmod", "-b", str(tree.dirname), tree.release])
         (work / "tree").rename(final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _existing_tree(directory: Path) -> Path | None:
+def _existing_tree(directory: Path, pattern: str = "linux-image-*/root") -> Path | None:
     """Newest complete tree in the cache: the offline fallback when apt cannot answer."""
-    trees = sorted(directory.glob("linux-image-*/root"), key=lambda p: p.stat().st_mtime)
+    trees = sorted(directory.glob(pattern), key=lambda p: p.stat().st_mtime)
     return trees[-1] if trees else None
 
 
@@ -207,13 +230,148 @@ def ensure_kernel_tree() -> KernelTree:
         return _tree_from(final / "root")
 
 
+# --- Debian 13 "trixie": a private apt configuration ------------------------------
+
+TRIXIE_MIRROR = "http://deb.debian.org/debian"
+TRIXIE_DIR = "trixie"  # under cache_dir(): the apt state, the kernel tree, kmod 34
+# trixie's kmod and what its binary links (ldd in a trixie chroot: libcrypto, libz,
+# libzstd, libc; liblzma is dlopen'ed for .ko.xz); libc6 brings trixie's own ld.so.
+KMOD34_PACKAGES = ("kmod", "libc6", "libssl3t64", "zlib1g", "libzstd1", "liblzma5")
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+
+@dataclass(frozen=True, slots=True)
+class TrixieApt:
+    """apt-get/apt-cache options that use only files under BASE (never /etc/apt,
+    /var/lib/apt or /var/cache/apt of the host)."""
+
+    base: Path
+
+    def options(self) -> list[str]:
+        b = self.base
+        return [
+            "-o", f"Dir::Etc::sourcelist={b / 'sources.list'}",
+            "-o", "Dir::Etc::sourceparts=-",
+            "-o", f"Dir::State::Lists={b / 'lists'}",
+            "-o", f"Dir::State::status={b / 'status'}",
+            "-o", f"Dir::Cache={b / 'cache'}",
+            "-o", "APT::Get::List-Cleanup=0",
+        ]  # fmt: skip
+
+    def prepare(self) -> None:
+        for sub in ("lists/partial", "cache/archives/partial"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        (self.base / "status").touch()
+        line = f"deb [signed-by={KEYRING}] {TRIXIE_MIRROR} trixie main\n"
+        (self.base / "sources.list").write_text(line)
+
+    def update(self) -> None:
+        self.prepare()
+        _run(["apt-get", *self.options(), "update", "-qq"])
+
+    def fresh(self) -> bool:
+        return any((self.base / "lists").glob("*trixie*Packages*"))
+
+    def candidate(self, package: str) -> str | None:
+        out = _run(["apt-cache", *self.options(), "policy", package])
+        for line in out.splitlines():
+            key, _, value = line.strip().partition(":")
+            if key == "Candidate" and value.strip() not in ("", "(none)"):
+                return value.strip()
+        return None
+
+    def image_package(self) -> tuple[str, str]:
+        depends = _run(["apt-cache", *self.options(), "depends", META_PACKAGE])
+        for line in depends.splitlines():
+            if line.strip().startswith("Depends:") and "linux-image-" in line:
+                package = line.split(":", 1)[1].strip()
+                version = self.candidate(package)
+                if version:
+                    return package, version
+        raise KernelTreeError(f"trixie: cannot find the image package {META_PACKAGE} depends on")
+
+
+def _trixie() -> tuple[Path, TrixieApt]:
+    directory = cache_dir() / TRIXIE_DIR
+    apt = TrixieApt(directory / "apt")
+    if not apt.fresh():
+        apt.update()
+    return directory, apt
+
+
+def ensure_trixie_tree() -> KernelTree:
+    """Debian 13's current kernel image (6.12), extracted and depmod'ed; built once."""
+    directory = cache_dir() / TRIXIE_DIR
+    with _locked(directory):
+        for stale in directory.glob(".build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            directory, apt = _trixie()
+            package, version = apt.image_package()
+        except KernelTreeError:
+            fallback = _existing_tree(directory)
+            if fallback is None:
+                raise
+            return _tree_from(fallback)
+        final = directory / f"{package}_{version}"
+        if not (final / "root").is_dir():
+            _build(package, version, final, apt)
+        return _tree_from(final / "root")
+
+
+@dataclass(frozen=True, slots=True)
+class Kmod34:
+    """trixie's kmod userland, extracted: run its modprobe with `argv()`."""
+
+    root: Path
+
+    def argv(self, tool: str = "modprobe") -> list[str]:
+        libs = ":".join(
+            str(self.root / d) for d in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu")
+        )
+        loader = self.root / "usr/lib64/ld-linux-x86-64.so.2"
+        kmod = self.root / "usr/bin/kmod"
+        return [str(loader), "--library-path", libs, "--argv0", tool, str(kmod)]
+
+    def version(self) -> str:
+        return _run([*self.argv(), "--version"]).splitlines()[0]
+
+
+def ensure_kmod34() -> Kmod34:
+    """trixie's kmod 34 and its libraries, extracted under the cache; built once."""
+    directory = cache_dir() / TRIXIE_DIR
+    with _locked(directory):
+        final = directory / "kmod34"
+        if (final / "usr/bin/kmod").is_file():
+            return Kmod34(final)
+        directory, apt = _trixie()
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=directory))
+        try:
+            work.chmod(0o755)
+            root = work / "root"
+            root.mkdir()
+            for package in KMOD34_PACKAGES:
+                version = apt.candidate(package)
+                if version is None:
+                    raise KernelTreeError(f"trixie: no candidate for {package}")
+                deb = _download(package, version, work, apt)
+                _run(["dpkg-deb", "-x", str(deb), str(root)])
+                deb.unlink()
+            root.rename(final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return Kmod34(final)
+
+
 def main() -> int:
     try:
         tree = ensure_kernel_tree()
+        print(tree.root)
+        print(ensure_trixie_tree().root)
+        print(ensure_kmod34().root)
     except KernelTreeError as err:
         print(f"kerneltree: {err}", file=sys.stderr)
         return 1
-    print(tree.root)
     return 0
 
 

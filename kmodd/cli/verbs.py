@@ -27,6 +27,7 @@ class Verb(StrEnum):
     UNINSTALL = "uninstall"
     GENERATE = "generate"
     SIMULATE = "simulate"
+    CMDLINE = "cmdline"
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +77,27 @@ def _explain_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cmdline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy",
+        action="append",
+        metavar="PATH",
+        help="use these policy files/dirs instead of the policy dirs under --root",
+    )
+
+
+CMDLINE_DESCRIPTION = """\
+Print the kernel command-line arguments the policy implies for the tree under --root:
+  module_blacklist=A,B     the kernel refuses to load these (every path: initramfs,
+                           udev, insmod, modprobe), from the first instruction on
+  initcall_blacklist=FN    built-in code (not a module file: modprobe.d and the helper
+                           cannot stop it) is not initialised
+Only modules the policy denies for every source are listed; built-in ones get their
+initcall, found in this kernel's symbol table (System.map or /proc/kallsyms) or, when
+there is none (Debian ships a stub System.map), by the <module>_init convention, said so.
+The whole command line must stay under 2048 characters on x86.  Nothing is changed:
+the output ends with how to add the arguments (GRUB, kernel-install, grubby)."""
+
 OFFLINE: tuple[VerbSpec, ...] = (
     VerbSpec(
         Verb.VALIDATE,
@@ -97,6 +119,16 @@ OFFLINE: tuple[VerbSpec, ...] = (
         epilog="examples:\n  kmodctl explain net-pf-5\n  kmodctl explain algif-aead --json\n"
         "  kmodctl --root /mnt/image --kernel 6.1.0-28-amd64 explain ext4\n"
         "  kmodctl explain 'pci:v00008086d00001572sv*sd*bc02sc00i00' --source udev",
+    ),
+    VerbSpec(
+        Verb.CMDLINE,
+        "print the kernel command-line arguments (module_blacklist=, initcall_blacklist=)",
+        "kmodd.cli.cmdline:run",
+        _cmdline_arguments,
+        description=CMDLINE_DESCRIPTION,
+        epilog="examples:\n  kmodctl cmdline\n  kmodctl cmdline --json\n"
+        "  kmodctl --root /mnt/image --kernel 6.12.57+deb13-amd64 cmdline\n"
+        "  kmodctl cmdline --policy ./site.yaml",
     ),
     VerbSpec(
         Verb.SCHEMA,

@@ -152,6 +152,9 @@ class _Resolver:
     def config_aliases(self) -> tuple[tuple[str, str], ...]:
         return self.ctx.config_aliases()
 
+    def config_softdeps(self) -> tuple[tuple[str, str], ...]:
+        return self.ctx.config_softdeps()
+
 
 def build_generation(
     number: int, paths: Paths, options: BuildOptions, index: TreeIndex | None = None

@@ -35,7 +35,7 @@ from types import TracebackType
 from kmodd.errors import KmoddError
 from kmodd.kmod import libkmod
 from kmodd.kmod.model import LoadStep, ModuleInfo, Resolution, StepKind
-from kmodd.paths import MODPROBE_D_DIRS, Paths
+from kmodd.paths import MODPROBE_D_DIRS, Paths, module_base
 
 # Request names the kernel sends are <= 55 bytes and uevent MODALIAS values < 2 KiB
 # (the uevent buffer); anything longer is hostile and resolves to nothing.
@@ -80,7 +80,8 @@ class KmodContext:
         self._ctx: int | None = None  # first: __del__ runs even when __init__ raises
         self.root = Path(root)
         self.release = release
-        self.module_dir = self.root / "lib/modules" / release
+        # lib/modules, else usr/lib/modules (a merged-/usr tree: kmodd.paths.module_base)
+        self.module_dir = self.root / module_base(self.root, release) / release
         self.config_paths: tuple[str, ...] = (
             config_dirs(self.root) if config_paths is None else tuple(map(str, config_paths))
         )

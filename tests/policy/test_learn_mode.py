@@ -38,6 +38,9 @@ class Tree:
     def alias_patterns(self) -> tuple[tuple[str, str], ...]:
         return (("algif-aead", "algif_aead"),)
 
+    def config_softdeps(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
     def config_aliases(self) -> tuple[tuple[str, str], ...]:
         return ()
 
