@@ -27,6 +27,7 @@ class Verb(StrEnum):
     UNINSTALL = "uninstall"
     GENERATE = "generate"
     SIMULATE = "simulate"
+    VERIFY = "verify"
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +77,44 @@ def _explain_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--module",
+        action="append",
+        metavar="NAME",
+        help="check only this denied module (repeatable; default: every denied module)",
+    )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        metavar="PATH",
+        help="use these policy files/dirs instead of the policy dirs under --root",
+    )
+
+
+VERIFY_DESCRIPTION = """\
+Check that every module the policy denies is really kept out, by asking the enforcers
+rather than kmodd: for each denied module (and denied built-in)
+
+  KERNEL REQUEST  is kernel.modprobe the kmodd helper, and does its snapshot deny the
+                  module (the path of request_module(): socket families, mounts, ...)
+  MODPROBE        kmod's own `modprobe -n -v NAME` against the modprobe.d dirs under
+                  --root: refused when it would insert no .ko of the module
+                  (udev, systemd-modules-load and an admin's modprobe all use this)
+  LOADED          in /proc/modules now (a deny cannot unload it)
+  INITRAMFS       carried by /boot/initrd.img-RELEASE (or dracut's initramfs-RELEASE.img),
+                  and if so, refused by the image's own modprobe.d
+  BUILT-IN        in modules.builtin: no modprobe.d line or helper can deny it
+  CIS             the usual CIS check: `modprobe -n -v NAME` shows `install /...` and
+                  `modprobe --showconfig` shows `blacklist NAME`
+
+A cell in capitals (LOADS, NO) is a failure.  'not denied' means the rule does not
+apply to that path (e.g. `source: [udev]`).  Below the table each failure says why and
+what to do; warnings cover the machine (stale initramfs, kernel.modprobe, mode).
+Exit 0 when every denied module is enforced on every path it is denied for, 1 when
+any is not (or the mode is permissive/learn: nothing is enforced)."""
+
+
 OFFLINE: tuple[VerbSpec, ...] = (
     VerbSpec(
         Verb.VALIDATE,
@@ -97,6 +136,16 @@ OFFLINE: tuple[VerbSpec, ...] = (
         epilog="examples:\n  kmodctl explain net-pf-5\n  kmodctl explain algif-aead --json\n"
         "  kmodctl --root /mnt/image --kernel 6.1.0-28-amd64 explain ext4\n"
         "  kmodctl explain 'pci:v00008086d00001572sv*sd*bc02sc00i00' --source udev",
+    ),
+    VerbSpec(
+        Verb.VERIFY,
+        "check on this machine that every denied module is really refused, by every path",
+        "kmodd.cli.verify_report:run",
+        _verify_arguments,
+        description=VERIFY_DESCRIPTION,
+        epilog="examples:\n  kmodctl verify\n  kmodctl verify --module ksmbd --module cramfs\n"
+        "  kmodctl verify --json | jq '.modules[] | select(.enforced | not)'\n"
+        "  kmodctl --root /mnt/image verify      an image: no /proc, so LOADED is '?'",
     ),
     VerbSpec(
         Verb.SCHEMA,

@@ -69,14 +69,18 @@ class Image:
 class _Walk:
     names: set[str]
     keep: frozenset[str]
+    keep_dirs: tuple[str, ...]
     files: dict[str, bytes]
     total: int = 0
 
 
 def read_image(path: Path, keep: Iterable[str] = (), timeout_s: float = TIMEOUT_S) -> Image:
-    """Every path in the initramfs at PATH, and the contents of those in KEEP."""
-    wanted = frozenset(p.strip("/") for p in keep)
-    walk = _Walk(set(), wanted, {})
+    """Every path in the initramfs at PATH, and the contents of the regular files KEEP
+    names (an entry ending in "/" keeps every file below that directory)."""
+    keep = tuple(keep)
+    wanted = frozenset(p.strip("/") for p in keep if not p.endswith("/"))
+    dirs = tuple(p.strip("/") + "/" for p in keep if p.endswith("/"))
+    walk = _Walk(set(), wanted, dirs, {})
     segments: list[str] = []
     deadline = time.monotonic() + timeout_s
     tools: list[str] = []
@@ -243,7 +247,8 @@ def _entries(stream: _Stream, walk: _Walk, deadline: float, magic: bytes) -> Non
         _count(walk, size, deadline)
         if name:  # the archive's "." entry
             walk.names.add(name)
-        data = _data(stream, size, keep=name in walk.keep and mode & 0o170000 == 0o100000)
+        kept = name in walk.keep or name.startswith(walk.keep_dirs)
+        data = _data(stream, size, keep=kept and mode & 0o170000 == 0o100000)
         if data is not None:
             walk.files[name] = data
         magic = _exact(stream, 6)
