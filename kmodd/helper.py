@@ -52,12 +52,17 @@ CONTROL_MAX = 1 << 20  # bytes per frame
 
 # Snapshot (written by the daemon atomically, read by the helper with one read() and a
 # bytes.find: no parsing of the ~6,000 entries on the hot path):
-#   kmodd-snapshot 1\n
+#   kmodd-snapshot 2\n
 #   generation N\n mode enforce|permissive\n modprobe PATH\n hash HEX\n
 #   \n
 #   KEY VERDICT RULE\n ...      KEY = normalized request name, VERDICT = a|d
+#   globs\n
+#   PATTERN d RULE\n ...        a name that is no KEY and matches PATTERN is denied
 #   end\n
-SNAPSHOT_MAGIC = b"kmodd-snapshot 1\n"
+# PATTERN is an fnmatch pattern (kmod's subset: * ? [...] [!...]) on the normalized name,
+# only consulted after an exact miss (docs/protocol.md).
+SNAPSHOT_MAGIC = b"kmodd-snapshot 2\n"
+SNAPSHOT_GLOBS = b"globs\n"
 SNAPSHOT_END = b"\nend\n"
 SNAPSHOT_MAX = 16 << 20
 
@@ -208,18 +213,95 @@ def snapshot_header(data: bytes) -> dict[bytes, bytes]:
 
 
 def snapshot_lookup(data: bytes, key: bytes) -> tuple[bytes, bytes] | None:
-    """(verdict, rule) for KEY from the entry table, or None when KEY is not covered."""
+    """(verdict, rule) for KEY from the entry table, else from the first glob row KEY
+    matches, or None when KEY is not covered."""
     start = data.find(b"\n\n") + 1  # the entry table starts after this newline
     if start <= 0:
         return None
-    at = data.find(b"\n" + key + b" ", start)
+    globs = data.find(b"\n" + SNAPSHOT_GLOBS, start - 1)
+    end = globs + 1 if globs >= 0 else len(data)
+    at = data.find(b"\n" + key + b" ", start - 1, end)
     if at < 0:
-        return None
+        return _glob_lookup(data, globs + 1 + len(SNAPSHOT_GLOBS), key) if globs >= 0 else None
     line = data[at + 1 : data.find(b"\n", at + 1)]
     parts = line.split(b" ")
     if len(parts) != 3 or parts[1] not in (b"a", b"d"):
         return None
     return parts[1], parts[2]
+
+
+def _glob_lookup(data: bytes, start: int, key: bytes) -> tuple[bytes, bytes] | None:
+    # The literal prefix test (C) rejects almost every row before glob_match (Python).
+    for line in data[start : len(data) - len(SNAPSHOT_END) + 1].split(b"\n"):
+        pattern, _, rest = line.partition(b" ")
+        cut = min((i for i in map(pattern.find, (b"*", b"?", b"[")) if i >= 0), default=-1)
+        if cut < 0:
+            if pattern != key:
+                continue
+        elif not key.startswith(pattern[:cut]) or not glob_match(pattern, key):
+            continue
+        verdict, _, rule = rest.partition(b" ")
+        if verdict == b"d" and rule:
+            return verdict, rule
+    return None
+
+
+def glob_match(pattern: bytes, name: bytes) -> bool:
+    """fnmatch(pattern, name, 0) for kmod's subset: '*' (any run, '/' and '.' too), '?',
+    '[...]' with ranges and '!'/'^' negation; a '[' without ']' is a literal."""
+    p = n = 0
+    star_p = star_n = -1
+    while n < len(name):
+        if p < len(pattern):
+            c = pattern[p]
+            if c == 0x2A:  # '*': remember where to resume, try the empty run first
+                star_p, star_n = p, n
+                p += 1
+                continue
+            if c == 0x3F:  # '?'
+                p += 1
+                n += 1
+                continue
+            if c == 0x5B:  # '['
+                end, hit = _bracket(pattern, p, name[n])
+                if end > 0:
+                    if hit:
+                        p, n = end, n + 1
+                        continue
+                elif name[n] == c:  # unterminated: a literal '['
+                    p, n = p + 1, n + 1
+                    continue
+            elif name[n] == c:
+                p, n = p + 1, n + 1
+                continue
+        if star_p < 0:
+            return False
+        star_n += 1  # let the last '*' swallow one more byte
+        p, n = star_p + 1, star_n
+    while p < len(pattern) and pattern[p] == 0x2A:
+        p += 1
+    return p == len(pattern)
+
+
+def _bracket(pattern: bytes, p: int, ch: int) -> tuple[int, bool]:
+    """(index after the class, whether CH is in it); (0, False) for no closing ']'."""
+    i = p + 1
+    negate = i < len(pattern) and pattern[i] in (0x21, 0x5E)  # '!' or '^'
+    i += negate
+    hit = False
+    first = True
+    while i < len(pattern) and (first or pattern[i] != 0x5D):
+        lo = pattern[i]
+        if i + 2 < len(pattern) and pattern[i + 1] == 0x2D and pattern[i + 2] != 0x5D:
+            hit = hit or lo <= ch <= pattern[i + 2]
+            i += 3
+        else:
+            hit = hit or lo == ch
+            i += 1
+        first = False
+    if i >= len(pattern):
+        return 0, False
+    return i + 1, hit != negate
 
 
 def read_modprobe_path(snapshot_path: str) -> str:

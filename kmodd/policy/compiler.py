@@ -4,11 +4,19 @@
     systemd-modules-load and an admin's modprobe use libkmod in-process and never call
     the helper; they honour modprobe.d.  `install NAME STUB NAME` is what really blocks
     (kmod runs the command instead of loading, STUB exits 1); `blacklist NAME` also
-    stops udev's alias loads quietly.  kmod's lookup order (research/kmod.md §2.1) makes
-    `install REQUEST …` win for names that are neither modules nor config aliases, which
-    is how exact request names (net-pf-5, fs-cramfs) are neutralised.
+    stops udev's alias loads quietly.  kmod skips the install command of a module that
+    has pre/post softdeps (kmod #446, `ignorecmd`; modules.softdep gives them to ksmbd,
+    btrfs, ext4, jbd2, libcrc32c, ...), so every denied module also gets an empty
+    `softdep NAME pre:` line: kmod uses the first softdep line that matches, 00-kmodd.conf
+    sorts before modules.softdep, and an empty one leaves ignorecmd unset (kmod 30 and
+    34.2, pinned by tests/policy/test_compiler.py and docs/kmod.md).  kmod's lookup
+    order (research/kmod.md §2.1) makes `install REQUEST …` win for names that are
+    neither modules nor config aliases, which is how exact request names (net-pf-5,
+    fs-cramfs) are neutralised.
 (b) `render_snapshot`: the helper's fallback table when the daemon does not answer, in
-    the format kmodd/helper.py documents (SNAPSHOT_MAGIC … `KEY a|d RULE` … end).
+    the format kmodd/helper.py documents (SNAPSHOT_MAGIC … `KEY a|d RULE` … `globs` …
+    end): exact names, then the wildcard patterns (aliases of denied modules such as
+    `char-major-67-*` → coda, and request globs of deny rules) the helper matches itself.
 """
 
 from __future__ import annotations
@@ -74,13 +82,24 @@ class ModuleTree(Protocol):
     def config_aliases(self) -> tuple[tuple[str, str], ...]: ...
 
 
+# The sources whose loads go through libkmod and modprobe.d only: udev's kmod builtin
+# (MODALIAS) and an admin's modprobe (cli).  Kernel requests go through the helper.
+LIBKMOD_SOURCES = frozenset({Source.UDEV, Source.CLI})
+
+
 def module_verdict(policy: CompiledPolicy, module: str) -> tuple[Verdict, str] | None:
-    """The verdict on MODULE that holds for every request, source and class, or None.
+    """The verdict on MODULE that modprobe.d can carry, or None when it cannot.
 
     Walk the rules in order as decide() would for a load-set module: a rule whose
-    `module` key does not match is skipped; an unconditional rule decides; a
-    conditional allow (request/class/source keys) means some request may load the module,
-    so nothing can be rendered; a conditional deny leaves the others to later rules.
+    `module` key does not match is skipped; an unconditional rule decides.  A rule whose
+    only condition is `source` decides when it names udev or cli: those loads never pass
+    the helper, so modprobe.d is the only layer that can hold them (a deny rendered so
+    also stops the real modprobe a kernel request the policy allows would run: kmod
+    cannot tell who runs it; kmodd.policy.coverage reports that).  A `source: [kernel]`
+    rule is the helper's: a deny leaves the others to later rules, an allow means a
+    kernel request may load the module, so nothing can be rendered.  Any other
+    conditional allow (request/class/requester keys) means some request may load the
+    module: None; a conditional deny leaves the others to later rules.
     """
     hits = policy.module_hits(module)
     for index, rule in enumerate(policy.rules):
@@ -88,6 +107,9 @@ def module_verdict(policy: CompiledPolicy, module: str) -> tuple[Verdict, str] |
             continue
         if not _conditional(rule):
             return rule.info.verdict, rule.info.id
+        sources = rule.sources if _source_only(rule) else None
+        if sources is not None and not sources.isdisjoint(LIBKMOD_SOURCES):
+            return (Verdict.DENY, rule.info.id) if rule.info.verdict is Verdict.DENY else None
         if rule.info.verdict is Verdict.ALLOW:
             return None
     return policy.default, "default"
@@ -102,6 +124,10 @@ def _conditional(rule: CompiledRule) -> bool:
         or rule.sources is not None
         or rule.requester is not None
     )
+
+
+def _source_only(rule: CompiledRule) -> bool:
+    return rule.requests is None and rule.classes is None and rule.requester is None
 
 
 def exact_request_aliases(tree: ModuleTree) -> tuple[str, ...]:
@@ -200,8 +226,11 @@ def render_enforcement(
 def _deny_lines(name: str, rule: str, stub: str, *, blacklist: bool) -> Iterable[str]:
     if not _SHELL_SAFE.match(name):
         return [f"# skipped {name!r} (rule {rule}): not a shell-safe name"]
-    lines = [f"# rule {rule}", f"install {name} {stub} {name}"]
-    return [*lines, f"blacklist {name}"] if blacklist else lines
+    install = f"install {name} {stub} {name}"
+    if not blacklist:
+        return [f"# rule {rule}", install]
+    # A module: mask its own softdeps first, or kmod ignores the install line (#446).
+    return [f"# rule {rule}", f"softdep {name} pre:", install, f"blacklist {name}"]
 
 
 def snapshot_names(ctx: ModuleTree) -> dict[str, str]:
@@ -230,8 +259,58 @@ def render_snapshot(
         f"generation {generation}\nmode {mode}\nmodprobe {modprobe}\nhash {policy.hash or '-'}\n\n"
     )
     rows = []
-    for key, name in sorted(snapshot_names(ctx).items()):
+    keys = snapshot_names(ctx)
+    for key, name in sorted(keys.items()):
         decision = decide_fn(Request(name, Source.KERNEL), ctx.resolve(name), policy)
         verdict = "d" if decision.verdict is Verdict.DENY else "a"
         rows.append(f"{key} {verdict} {decision.rule}\n")
-    return helper.SNAPSHOT_MAGIC + head.encode() + "".join(rows).encode() + b"end\n"
+    globs = [f"{p} d {rule}\n" for p, rule in snapshot_globs(policy, ctx, decide_fn, keys)]
+    body = "".join(rows) + helper.SNAPSHOT_GLOBS.decode() + "".join(globs)
+    return helper.SNAPSHOT_MAGIC + head.encode() + body.encode() + b"end\n"
+
+
+def snapshot_globs(
+    policy: CompiledPolicy, ctx: ModuleTree, decide_fn: DecideFn, keys: dict[str, str]
+) -> list[tuple[str, str]]:
+    """(pattern, rule) the helper denies any name matching, after an exact-key miss.
+
+    A name that is not a key reaches a module only through an alias: every alias pattern
+    of the tree (wildcard or not, e.g. `char_major_67_*` → coda, `platform:foo`) whose
+    module a kernel request for it would deny; then the request globs of deny rules that
+    hold for kernel requests (no class/requester key; only when no earlier rule with a
+    request or class key could allow first, else the pattern is left to the daemon and
+    modprobe.d, and coverage says so).  Deny-only: a miss on every row runs modprobe,
+    where modprobe.d still blocks the rendered denies."""
+    verdicts: dict[str, str | None] = {}
+    out: dict[str, str] = {}
+    for pattern, module in ctx.alias_patterns():
+        if pattern in keys or not _SNAPSHOT_SAFE.match(pattern):
+            continue
+        if module not in verdicts:
+            d = decide_fn(Request(module, Source.KERNEL), ctx.resolve(module), policy)
+            verdicts[module] = d.rule if d.verdict is Verdict.DENY else None
+        rule = verdicts[module]
+        if rule is not None:
+            out.setdefault(pattern, rule)
+    for rule_ in _kernel_request_denies(policy):
+        assert rule_.requests is not None
+        for pattern in sorted(rule_.requests.exact | set(rule_.requests.globs)):
+            if _SNAPSHOT_SAFE.match(pattern):
+                out.setdefault(pattern, rule_.info.id)
+    return sorted(out.items())
+
+
+# Snapshot rows are space-separated and newline-terminated: a pattern is one token.
+_SNAPSHOT_SAFE = re.compile(r"^[\x21-\x5b\x5d-\x7e]{1,256}$")  # no backslash: kmod escapes
+
+
+def _kernel_request_denies(policy: CompiledPolicy) -> Iterable[CompiledRule]:
+    """Deny rules without a module key that hold for kernel requests by name alone,
+    up to the first rule with a request or class key that is not such a rule."""
+    for rule in policy.rules:
+        kernel = rule.sources is None or Source.KERNEL in rule.sources
+        by_name = rule.modules is None and rule.classes is None and rule.requester is None
+        if rule.info.verdict is Verdict.DENY and kernel and by_name and rule.requests:
+            yield rule
+        elif kernel and rule.info.verdict is Verdict.ALLOW and (rule.requests or rule.classes):
+            return

@@ -57,14 +57,16 @@ class Globs:
 
     exact: frozenset[str]
     regex: re.Pattern[str] | None
+    globs: tuple[str, ...] = ()  # the wildcard patterns of regex (the helper's snapshot)
 
     @classmethod
     def compile(cls, patterns: Iterable[str]) -> Globs:
         normalized = [normalize(p) for p in patterns]
         exact = frozenset(p for p in normalized if not is_glob(p))
-        wild = [fnmatch.translate(p) for p in normalized if is_glob(p)]
+        globs = tuple(dict.fromkeys(p for p in normalized if is_glob(p)))
+        wild = [fnmatch.translate(p) for p in globs]
         regex = re.compile("|".join(f"(?:{w})" for w in wild)) if wild else None
-        return cls(exact, regex)
+        return cls(exact, regex, globs)
 
     def matches(self, normalized_name: str) -> bool:
         if normalized_name in self.exact:
