@@ -59,6 +59,12 @@ def _validate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="policy files or directories (*.yaml); default: the policy dirs under --root",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 also when a deny rule is not fully enforced (a warning), or when"
+        " enforcement cannot be checked (no module tree)",
+    )
 
 
 def _explain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,8 +128,13 @@ OFFLINE: tuple[VerbSpec, ...] = (
         "kmodd.cli.validate:run",
         _validate_arguments,
         description="Validate policy files without applying them.  Exit 0 if valid, 1 if"
-        " not; every problem is printed as FILE:LINE:COL: message (hint).",
+        " not; every problem is printed as FILE:LINE:COL: message (hint).  A valid policy"
+        " is then checked against the module tree of --root/--kernel: every deny rule that"
+        " no layer can fully enforce (a built-in module, a rule only the daemon can see,"
+        " ...) is printed as FILE:LINE:COL: warning: ... (hint: the remedy).  Warnings do"
+        " not change the exit code unless --strict.",
         epilog="examples:\n  kmodctl validate\n  kmodctl validate ./my-site.yaml\n"
+        "  kmodctl validate --strict            CI: fail on a deny that is not enforced\n"
         "  kmodctl --root /mnt/image validate",
     ),
     VerbSpec(

@@ -27,19 +27,23 @@ from pathlib import Path
 from kmodd import helper
 from kmodd.errors import KmoddError
 from kmodd.kmod.context import KmodContext
-from kmodd.kmod.initramfs import InitramfsError, image_path, module_names, read_image
-from kmodd.paths import MODPROBE_D_DIRS, Paths
-from kmodd.policy.compiler import DEFAULT_HELPER_PATH
+from kmodd.kmod.initramfs import (
+    POLICY_RECORD,
+    InitramfsError,
+    image_path,
+    module_names,
+    read_image,
+)
+from kmodd.paths import HELPER_PATH, MODPROBE_D_DIRS, Paths
 from kmodd.policy.engine import CompiledPolicy, Decision, Request, decide
 from kmodd.policy.types import Mode, Source, Verdict
 
 DRYRUN_TIMEOUT_S = 10.0  # one `modprobe -n -v` is ~3 ms natively, ~0.3 s under TCG
-IMAGE_POLICY = "usr/lib/kmodd/initramfs-policy"  # written by initramfs/kmodd-initramfs
 IMAGE_CONF_DIRS = ("etc/modprobe.d/", "lib/modprobe.d/", "usr/lib/modprobe.d/")
 # Install commands that refuse: kmodd's stub (in the image: the shell stub at the same
 # path), and the CIS forms.  Followed by a space or the end of the command.
 DENY_COMMANDS = (
-    f"{DEFAULT_HELPER_PATH} --deny ",
+    f"{HELPER_PATH} --deny ",
     "/bin/false",
     "/bin/true",
     "/usr/bin/false",
@@ -248,10 +252,10 @@ def read_initramfs(paths: Paths) -> Initramfs:
     if path is None:
         return Initramfs(None, f"no initramfs for {paths.release} under {paths.root / 'boot'}")
     try:
-        image = read_image(path, keep=[IMAGE_POLICY, *IMAGE_CONF_DIRS])
+        image = read_image(path, keep=[POLICY_RECORD, *IMAGE_CONF_DIRS])
     except InitramfsError as err:
         return Initramfs(str(path), err.message)
-    record = image.files.get(IMAGE_POLICY, b"").decode(errors="replace").splitlines()
+    record = image.files.get(POLICY_RECORD, b"").decode(errors="replace").splitlines()
     policy_hash = next((ln[5:] for ln in record if ln.startswith("hash ")), None)
     confs = {n: d for n, d in image.files.items() if n.endswith(".conf")}
     return Initramfs(
@@ -364,7 +368,7 @@ def build_report(
 ) -> Report:
     modprobe = find_modprobe()
     dirs = live_conf_dirs(paths)
-    kernel = read_kernel(paths, helper_path or DEFAULT_HELPER_PATH)
+    kernel = read_kernel(paths, helper_path or HELPER_PATH)
     loaded = read_loaded(paths.root)
     image = read_initramfs(paths)
     try:
@@ -395,9 +399,17 @@ def build_report(
         rows.append(_with_problems(row, image))
     notes = _notes(policy, kernel, rendered, image, loaded)
     return Report(
-        str(paths.root), paths.release, policy, modprobe, dirs, kernel, rendered, image,
-        tuple(rows), notes,
-    )  # fmt: skip
+        str(paths.root),
+        paths.release,
+        policy,
+        modprobe,
+        dirs,
+        kernel,
+        rendered,
+        image,
+        tuple(rows),
+        notes,
+    )
 
 
 def _with_problems(row: Row, image: Initramfs) -> Row:

@@ -12,8 +12,17 @@ from kmodd.paths import Paths
 from kmodd.policy.engine import compile_policy, mode_override
 from kmodd.policy.types import Mode
 
-COLUMNS = ("MODULE", "RULE", "KERNEL REQUEST", "MODPROBE", "LOADED", "INITRAMFS", "BUILT-IN",
-           "CIS", "ENFORCED")  # fmt: skip
+COLUMNS = (
+    "MODULE",
+    "RULE",
+    "KERNEL REQUEST",
+    "MODPROBE",
+    "LOADED",
+    "INITRAMFS",
+    "BUILT-IN",
+    "CIS",
+    "ENFORCED",
+)
 
 
 def _kernel_cell(row: Row, report: Report) -> str:
@@ -70,8 +79,9 @@ def render_text(report: Report) -> str:
     out = _header(report)
     table = [COLUMNS, *(cells(row, report) for row in report.rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-            for line in table]  # fmt: skip
+    out += [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table
+    ]
     bad = [r for r in report.rows if not r.enforced]
     out.append("")
     out.append(

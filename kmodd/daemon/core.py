@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kmodd import helper, wire
 from kmodd.atomic import write_atomic
@@ -47,7 +48,9 @@ from kmodd.daemon.journal import JournalSink
 from kmodd.daemon.ports import ModprobePathLike, NotifierLike, TamperLike, UdevLike, WatcherLike
 from kmodd.daemon.server import Kind, Peer, Server
 from kmodd.errors import KmoddError
+from kmodd.host import sysmodule
 from kmodd.host.proc import Requester
+from kmodd.host.sysmodule import SYS_MODULE
 from kmodd.paths import Paths
 from kmodd.policy.engine import Decision
 from kmodd.policy.types import Source, Verdict
@@ -120,6 +123,7 @@ class Edges:
     udev: UdevLike | None = None  # the running uevent monitor
     watcher: WatcherLike | None = None  # the running file watcher
     static_usermodehelper: str | None = None  # the kernel bypasses kernel.modprobe: why
+    sys_module: Path = SYS_MODULE  # which modules are loaded (udev "already loaded" records)
     clock: Callable[[], float] = time.monotonic
 
 
@@ -382,7 +386,8 @@ class Core:
         d = gen.decide(name, source)
         if log:
             self.stats.count(d)
-            self.sink.emit(records.decision(d, gen.number, device))
+            enforcement = gen.enforcement_of(d)
+            self.sink.emit(records.decision(d, gen.number, device, enforcement=enforcement))
         return d
 
     def _udev(self, device: UdevDevice) -> None:
@@ -401,7 +406,15 @@ class Core:
         # Coldplug at start sees every present device: log only what the policy denies.
         if device.action != "coldplug" or d.verdict is Verdict.DENY:
             self.stats.count(d)
-            self.sink.emit(records.decision(d, gen.number, device))
+            # A denied driver already in the kernel (the initramfs, an insmod) was not
+            # blocked: the record must say so, never "denied".
+            denied = [t.module for t in d.trace if t.module and t.verdict is Verdict.DENY]
+            loaded = sysmodule.loaded(denied, self.edges.sys_module) if denied else ()
+            self.sink.emit(
+                records.decision(
+                    d, gen.number, device, enforcement=gen.enforcement_of(d), loaded=loaded
+                )
+            )
 
     # --- control ------------------------------------------------------------------
 
@@ -475,9 +488,8 @@ class Core:
 
 def _make_answer(gen: Generation, d: Decision) -> _Answer:
     verdict = b"allow " if d.effective is Verdict.ALLOW else b"deny "
-    return _Answer(
-        verdict + _token(d.rule) + b"\n", records.decision(d, gen.number), verdict_key(d), d.rule
-    )
+    record = records.decision(d, gen.number, enforcement=gen.enforcement_of(d))
+    return _Answer(verdict + _token(d.rule) + b"\n", record, verdict_key(d), d.rule)
 
 
 def _token(rule: str) -> bytes:

@@ -14,14 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 from kmodd import wire
 from kmodd.contract.status import (
+    LAYERS,
     ConflictInfo,
     DeviceDenied,
     GenerationInfo,
+    InitramfsInfo,
     KernelModprobe,
     Layers,
     LayerState,
     LoadedDenied,
     ReloadInfo,
+    RuleCoverageInfo,
     StatusDocument,
     UdevInfo,
     WatcherInfo,
@@ -103,7 +106,8 @@ def decide(core: Core, params: dict[str, Any], peer: Peer, *, log: bool) -> byte
     d = gen.decide(name, Source(source))
     if log:
         core.stats.count(d)
-        core.sink.emit(records.decision(d, gen.number, peer_pid=peer.pid))
+        enforcement = gen.enforcement_of(d)
+        core.sink.emit(records.decision(d, gen.number, peer_pid=peer.pid, enforcement=enforcement))
     return wire.encode_reply(decision_dict(d, gen.number))
 
 
@@ -195,6 +199,38 @@ def layers(core: Core) -> Layers:
     }
 
 
+def coverage(core: Core) -> list[RuleCoverageInfo]:
+    """Per deny rule of the active generation: which layers hold it (computed at build)."""
+    gen = core.generation
+    if gen is None:
+        return []
+    order = {name: i for i, name in enumerate((*LAYERS, "cmdline"))}
+    return [
+        RuleCoverageInfo(
+            rule=c.rule,
+            location=c.location,
+            layers=sorted((str(layer) for layer in c.layers), key=lambda n: order.get(n, 99)),
+            enforced=c.enforced,
+            gaps=list(c.gaps),
+            remedy=c.remedy,
+        )
+        for c in gen.coverage
+    ]
+
+
+def initramfs(core: Core) -> InitramfsInfo | None:
+    gen = core.generation
+    if gen is None or gen.initramfs is None:
+        return None
+    r = gen.initramfs
+    return InitramfsInfo(
+        path=r.path,
+        policy_hash=r.policy_hash,
+        current=r.current(gen.policy.hash),
+        error=r.error,
+    )
+
+
 def _watcher(core: Core) -> WatcherInfo | None:
     w = core.edges.watcher
     return None if w is None else WatcherInfo(running=True, errors=w.errors)
@@ -284,6 +320,8 @@ def status(core: Core) -> StatusDocument:
         notes=list(core.notes),
         attribution=None if core.edges.attributor is None else core.edges.attributor.status(),
         layers=layers(core),
+        coverage=coverage(core),
+        initramfs=initramfs(core),
         watcher=_watcher(core),
         udev=_udev(core),
     )

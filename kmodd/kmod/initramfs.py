@@ -312,3 +312,47 @@ def module_names(image: Image, release: str) -> frozenset[str]:
         if dot and stem:
             found.add(stem.replace("-", "_"))
     return frozenset(found)
+
+
+POLICY_RECORD = "usr/lib/kmodd/initramfs-policy"  # written by initramfs/kmodd-initramfs
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRecord:
+    """What the current initramfs says about kmodd's policy in it."""
+
+    path: str | None  # the image; None: there is none for the release
+    policy_hash: str | None  # None: the image has no kmodd record (built without the hook)
+    error: str | None = None  # the image could not be read
+
+    def current(self, policy_hash: str) -> bool:
+        return self.error is None and self.policy_hash == policy_hash
+
+
+# The last image read, by (path, size, mtime_ns): an initramfs changes only when it is
+# rebuilt, and reading a Debian MODULES=most image (~30 MB zstd) costs ~0.3 s.
+_last: tuple[tuple[str, int, int], PolicyRecord] | None = None
+
+
+def policy_record(root: Path, release: str) -> PolicyRecord:
+    """The policy hash kmodd's hook recorded in ROOT's initramfs for RELEASE."""
+    global _last  # noqa: PLW0603 -- one slot per process, see above
+    path = image_path(root, release)
+    if path is None:
+        return PolicyRecord(None, None)
+    try:
+        st = path.stat()
+    except OSError as err:
+        return PolicyRecord(str(path), None, err.strerror)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if _last is not None and _last[0] == key:
+        return _last[1]
+    try:
+        image = read_image(path, keep=[POLICY_RECORD])
+    except InitramfsError as err:
+        return PolicyRecord(str(path), None, err.message)
+    lines = image.files.get(POLICY_RECORD, b"").decode(errors="replace").splitlines()
+    found = next((ln[5:] for ln in lines if ln.startswith("hash ")), None)
+    record = PolicyRecord(str(path), found)
+    _last = (key, record)
+    return record

@@ -16,8 +16,8 @@ import pytest
 from kmodd.cli.install import install
 from kmodd.cli.main import main
 from kmodd.kmod.context import KmodContext
-from kmodd.paths import make_paths
-from kmodd.policy.compiler import DEFAULT_HELPER_PATH, render_enforcement, render_snapshot
+from kmodd.paths import HELPER_PATH, make_paths
+from kmodd.policy.compiler import render_enforcement, render_snapshot
 from kmodd.policy.engine import compile_policy, decide
 from kmodd.policy.loader import load_policy
 from tests import mkinitramfs
@@ -49,12 +49,19 @@ class Machine:
     def __init__(self, root: Path, tree: KernelTree) -> None:
         self.root = root
         self.tree = tree
-        for d in ("etc/modprobe.d", "run/modprobe.d", "run/kmodd", "proc/sys/kernel", "boot",
-                  "usr/lib/kmodd/policy.d", "lib"):  # fmt: skip
+        for d in (
+            "etc/modprobe.d",
+            "run/modprobe.d",
+            "run/kmodd",
+            "proc/sys/kernel",
+            "boot",
+            "usr/lib/kmodd/policy.d",
+            "lib",
+        ):
             (root / d).mkdir(parents=True, exist_ok=True)
         (root / "lib/modules").symlink_to(tree.root / "lib/modules")
         self.write_policy(POLICY)
-        self.proc(modprobe=DEFAULT_HELPER_PATH, modules="")
+        self.proc(modprobe=HELPER_PATH, modules="")
 
     def write_policy(self, text: str) -> None:
         (self.root / "usr/lib/kmodd/policy.d/50-test.yaml").write_text(text)
@@ -99,9 +106,21 @@ def machine(tmp_path: Path, kernel_tree: KernelTree) -> Iterator[Machine]:
 
 def kmod_inserts(machine: Machine, module: str) -> bool:
     """The oracle, asked directly: does kmod's dry run insert MODULE's .ko?"""
-    argv = ["modprobe", "-n", "-v", "-d", str(machine.root), "-S", machine.tree.release,
-            "-C", str(machine.root / "etc/modprobe.d"), "-C", str(machine.root / "run/modprobe.d"),
-            "--", module]  # fmt: skip
+    argv = [
+        "modprobe",
+        "-n",
+        "-v",
+        "-d",
+        str(machine.root),
+        "-S",
+        machine.tree.release,
+        "-C",
+        str(machine.root / "etc/modprobe.d"),
+        "-C",
+        str(machine.root / "run/modprobe.d"),
+        "--",
+        module,
+    ]
     out = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
     return any(ln.startswith("insmod ") and f"/{module}.ko" in ln for ln in out.splitlines())
 
@@ -166,8 +185,18 @@ def test_text_table_names_every_column(
     out = capsys.readouterr().out
     assert rc == 0, out
     header = next(ln for ln in out.splitlines() if ln.startswith("MODULE"))
-    assert header.split() == ["MODULE", "RULE", "KERNEL", "REQUEST", "MODPROBE", "LOADED",
-                              "INITRAMFS", "BUILT-IN", "CIS", "ENFORCED"]  # fmt: skip
+    assert header.split() == [
+        "MODULE",
+        "RULE",
+        "KERNEL",
+        "REQUEST",
+        "MODPROBE",
+        "LOADED",
+        "INITRAMFS",
+        "BUILT-IN",
+        "CIS",
+        "ENFORCED",
+    ]
     assert "1 denied module(s): 1 enforced, 0 not enforced" in out
     assert "initramfs not checked: no initramfs" in out
 
