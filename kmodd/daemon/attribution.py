@@ -10,10 +10,13 @@ request that task stays blocked in request_module() until the helper exits.  So:
    never the global one an admin may be using), enables only that event there, and a
    reader thread blocks on the instance's `trace_pipe`, parsing each line into a
    TraceEvent kept for MATCH_WINDOW_S.
-2. When the helper asks about NAME, `Attributor.lookup(NAME)` takes the oldest unmatched
-   event of that name (waiting at most a short bound: the event is written before the
-   helper even starts, ~20 ms of Python start-up earlier) and reads /proc/PID while the
-   requester is still blocked: ids, comm, exe, cgroup (systemd unit), namespaces.
+2. When the helper asks about NAME, `Attributor.take(NAME)` takes the oldest unmatched
+   event of that name and reads /proc/PID while the requester is still blocked: ids,
+   comm, exe, cgroup (systemd unit), namespaces (kmodd.host.proc).  It never waits: when
+   the event has not arrived yet (it is written before the helper even starts, ~20 ms of
+   Python start-up earlier, so this is rare) the core parks that one connection and
+   answers it when the reader posts the next batch, or after LOOKUP_TIMEOUT_S; every
+   other decision goes on meanwhile.
 3. Anything missing (no tracefs, lockdown, no event within the bound, a task already
    gone) gives None: the decision says "requester unknown", it never waits longer.
 
@@ -42,7 +45,7 @@ INSTANCE = "kmodd"
 # An event not matched within this long is stale: a request_module_nowait() caller, or a
 # request whose helper never reached the daemon (snapshot fallback).
 MATCH_WINDOW_S = 5.0
-LOOKUP_TIMEOUT_S = 0.25  # the longest a decision waits for its event (usually 0)
+LOOKUP_TIMEOUT_S = 0.25  # the longest a decision is parked for its event (usually 0)
 PENDING_MAX = 1024  # unmatched events kept (the kernel runs at most 50 helpers at once)
 BUFFER_KB = 64  # per-CPU ring of our instance: one event is ~100 bytes
 READ_SIZE = 65536
@@ -92,7 +95,8 @@ def parse_event_line(line: str) -> TraceEvent | None:
 
 
 class Attributor:
-    """Owns the tracefs instance and its reader thread; `lookup` is thread-safe."""
+    """Owns the tracefs instance and its reader thread; `take` is thread-safe and never
+    waits (the core parks a decision whose event has not arrived: kmodd.daemon.core)."""
 
     def __init__(
         self,
@@ -112,6 +116,7 @@ class Attributor:
         self._thread: threading.Thread | None = None
         self._instance: Path | None = None
         self._availability = probe(roots, lockdown)
+        self._on_events: Callable[[], None] | None = None
         self.events = 0  # lines parsed as module_request
         self.matched = 0
         self.unmatched = 0  # lookups that found no event within the bound
@@ -188,6 +193,8 @@ class Attributor:
                 self._pending.append(_seen(event, now))
             self.events += len(events)
             self._cond.notify_all()
+        if self._on_events is not None:
+            self._on_events()
 
     def feed_lines(self, lines: list[str]) -> None:
         """Feed trace_pipe lines by hand (tests; a replay of a saved trace)."""
@@ -204,36 +211,58 @@ class Attributor:
                 return event
         return None
 
-    def lookup(self, name: str, timeout_s: float = LOOKUP_TIMEOUT_S) -> Requester | None:
-        """The requester of NAME's request, or None if it cannot be known within TIMEOUT_S.
+    @property
+    def running(self) -> bool:
+        """The reader runs: an event may still arrive for a request not matched yet."""
+        return self._thread is not None
 
-        Without a running reader this returns None at once (no waiting for nothing)."""
-        if self._thread is None and not self._pending:
-            return None
-        started = self._clock()
-        deadline = started + timeout_s
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """CALLBACK (from the reader thread) after each batch of events: the core posts
+        itself a wake-up and answers the decisions parked on them."""
+        self._on_events = callback
+
+    def take(self, name: str, asked_at: float) -> tuple[bool, Requester | None]:
+        """Never waits: (False, None) when no event for NAME is here (yet); else the event
+        is consumed and its task read from /proc: (True, requester or None if gone).
+        ASKED_AT (this clock) is when the helper asked, for the timings."""
         with self._cond:
             event = self._take(name)
-            while event is None:
-                left = deadline - self._clock()
-                if left <= 0 or self._thread is None:
-                    break
-                self._cond.wait(left)
-                event = self._take(name)
-        found = self._clock()
-        self.wait_s_max = max(self.wait_s_max, found - started)
         if event is None:
-            self.unmatched += 1
-            return None
-        margin = started - event.seen
+            return False, None
+        found = self._clock()
+        self.wait_s_max = max(self.wait_s_max, found - asked_at)
+        margin = asked_at - event.seen
         self.margin_s_min = margin if self.margin_s_min is None else min(self.margin_s_min, margin)
         requester = read_requester(event.pid, self._proc)
         self.read_s_max = max(self.read_s_max, self._clock() - found)
         if requester is None:
             self.gone += 1
-            return None
+            return True, None
         self.matched += 1
-        return requester
+        return True, requester
+
+    def missed(self, asked_at: float) -> None:
+        """A request whose event did not come in time (the caller gave up on it)."""
+        self.unmatched += 1
+        self.wait_s_max = max(self.wait_s_max, self._clock() - asked_at)
+
+    def lookup(self, name: str, timeout_s: float = LOOKUP_TIMEOUT_S) -> Requester | None:
+        """take(), waiting up to TIMEOUT_S for the event (tests, tools: never the core,
+        which parks the decision instead).  None at once without a running reader."""
+        if self._thread is None and not self._pending:
+            return None
+        asked = self._clock()
+        deadline = asked + timeout_s
+        with self._cond:
+            while not any(e.name == name for e in self._pending):
+                left = deadline - self._clock()
+                if left <= 0 or self._thread is None:
+                    break
+                self._cond.wait(left)
+        matched, who = self.take(name, asked)
+        if not matched:
+            self.missed(asked)
+        return who
 
     def kernel_spawned(self, pid: int) -> bool:
         """PID (a decide.sock peer) was started by the kernel (see spawned_by_kernel)."""

@@ -1,12 +1,19 @@
 """The core: one thread owns all daemon state and serves both sockets.
 
-Other threads (watcher, udev, signal handlers, the generation builder) only `post` events;
-a SimpleQueue (re-entrant, so signal handlers may post) plus an eventfd wakes the
-selectors loop.  Why decisions run on this thread rather than under a lock: libkmod
-contexts are not thread-safe, a warm decision is a dict hit (~10 us), and one loop gives
-a total order between a reload's swap and the decisions around it.  Building a new
-generation (load + compile + render, ~1 s) is the only slow step, so it runs on a builder
-thread with its own libkmod context and the result is swapped in here.
+Other threads (watcher, udev, signal handlers, the attribution reader, the generation
+builder) only `post` events; a SimpleQueue (re-entrant, so signal handlers may post) plus
+an eventfd wakes the selectors loop.  Why decisions run on this thread rather than under
+a lock: libkmod contexts are not thread-safe, a warm decision is a dict hit (~10 us), and
+one loop gives a total order between a reload's swap and the decisions around it.
+Building a new generation (load + compile + render, ~1 s) is the only slow step, so it
+runs on a builder thread with its own libkmod context and the result is swapped in here.
+Nothing on this thread waits: a kernel request whose requester event has not arrived is
+parked (its connection stays open) and answered when the event comes or its
+LOOKUP_TIMEOUT_S passes.
+
+What the core holds: the loop, the reload state machine, the udev device table and the
+parked decisions.  Decisions: daemon/decider.py; housekeeping: daemon/housekeeping.py;
+control methods: daemon/control.py (with a read-only view, daemon/view.py).
 """
 
 from __future__ import annotations
@@ -16,115 +23,60 @@ import os
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from kmodd import helper, wire
-from kmodd.atomic import write_atomic
-from kmodd.contract.journal import Priority, Record
-from kmodd.daemon import records
-from kmodd.daemon.attribution import Attributor
+from kmodd.contract.journal import Fields, Priority
+from kmodd.daemon import control, records
+from kmodd.daemon.attribution import LOOKUP_TIMEOUT_S
+from kmodd.daemon.decider import Decider
 from kmodd.daemon.events import (
     Event,
     FilesChanged,
     ReloadCause,
     ReloadRequested,
     Stop,
-    Tick,
+    Traced,
+    UdevAction,
     UdevDevice,
     UdevLost,
 )
-from kmodd.daemon.generation import (
-    DECISION_CACHE_MAX,
-    BuildOptions,
-    Generation,
-    build_generation,
-    error_lines,
-    publish,
-)
+from kmodd.daemon.generation import BuildOptions, Generation, build_generation, error_lines, publish
+from kmodd.daemon.housekeeping import Housekeeper
 from kmodd.daemon.journal import JournalSink
-from kmodd.daemon.ports import ModprobePathLike, NotifierLike, TamperLike, UdevLike, WatcherLike
+from kmodd.daemon.ports import Edges
 from kmodd.daemon.server import Kind, Peer, Server
-from kmodd.errors import KmoddError
-from kmodd.host import sysmodule
+from kmodd.daemon.view import CoreView, ReloadResult
 from kmodd.host.proc import Requester
-from kmodd.host.sysmodule import SYS_MODULE
+from kmodd.host.tracefs import Availability
 from kmodd.paths import Paths
 from kmodd.policy.engine import Decision
-from kmodd.policy.types import Source, Verdict
+from kmodd.policy.types import Outcome, Source
 
 DEVICES_MAX = 8192  # devices remembered for status (a server has a few hundred)
 TICK_S = 5.0  # tamper check and STATUS= refresh; the watchdog may ask for a shorter one
 Reply = Callable[[str | None], None]
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadResult:
-    ok: bool
-    cause: str
-    at: float  # wall clock
-    duration_s: float
-    generation: int | None  # the new one on success, the kept one on failure
-    errors: tuple[str, ...] = ()
+Respond = Callable[[bytes], None]
 
 
 @dataclass(frozen=True, slots=True)
 class _Built:
-    cause: str
+    cause: ReloadCause
+    detail: str
     generation: Generation | None
     errors: tuple[str, ...]
     duration_s: float
 
 
-@dataclass
-class Stats:
-    verdicts: Counter[str] = field(default_factory=Counter)  # allow, deny, would_deny
-    rules: Counter[str] = field(default_factory=Counter)
-    sources: Counter[str] = field(default_factory=Counter)
-    invalid_names: int = 0
-    no_generation: int = 0  # decide requests answered "error" (the helper fell back)
-
-    def count(self, d: Decision) -> None:
-        self.count_keys(verdict_key(d), d.rule, d.source.value)
-
-    def count_keys(self, verdict: str, rule: str, source: str) -> None:
-        self.verdicts[verdict] += 1
-        self.rules[rule] += 1
-        self.sources[source] += 1
-
-
-def verdict_key(d: Decision) -> str:
-    """allow, deny, or would_deny (a deny in permissive mode)."""
-    return d.outcome.value
-
-
 @dataclass(frozen=True, slots=True)
-class _Answer:
-    """Everything decide.sock needs for one name in one generation, computed once: the
-    reply line, the journal record (identical for every repeat) and the counter keys."""
+class _Parked:
+    """A kernel request waiting for its module_request event (see the module docstring)."""
 
-    reply: bytes
-    record: Record
-    verdict: str
-    rule: str
-
-
-@dataclass
-class Edges:
-    """The I/O edges the composition root injects (None: not available / disabled)."""
-
-    notifier: NotifierLike
-    modprobe_path: ModprobePathLike | None = None
-    recoldplug: Callable[[], None] | None = None
-    reassert: bool = False  # re-point kernel.modprobe at the helper after tampering
-    attributor: Attributor | None = None  # who asked (tracefs); None: not attempted
-    udev: UdevLike | None = None  # the running uevent monitor
-    watcher: WatcherLike | None = None  # the running file watcher
-    static_usermodehelper: str | None = None  # the kernel bypasses kernel.modprobe: why
-    sys_module: Path = SYS_MODULE  # which modules are loaded (udev "already loaded" records)
-    clock: Callable[[], float] = time.monotonic
+    name: bytes
+    respond: Respond
+    asked_at: float
+    deadline: float
 
 
 class Core:
@@ -136,11 +88,10 @@ class Core:
         self.sink = sink
         self.edges = edges
         self.started = time.time()
-        self.generation: Generation | None = None
+        self.decider = Decider(sink, edges.sys_module)
+        self.housekeeper = Housekeeper(paths, sink, edges)
         self.last_reload: ReloadResult | None = None
-        self.stats = Stats()
         self.devices: dict[str, UdevDevice] = {}  # coldplugged/added devices with a MODALIAS
-        self.tamper: TamperLike | None = None
         self.notes: list[str] = []  # plain warnings for status (static usermodehelper...)
         self._queue: queue.SimpleQueue[Event | _Built] = queue.SimpleQueue()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -148,14 +99,16 @@ class Core:
         self._building = False
         self._waiting: list[Reply | None] = []  # replies owed by the running build
         self._next: list[Reply | None] = []  # requests that arrived during the build
-        self._next_cause: str | None = None
+        self._next_cause: tuple[ReloadCause, str] | None = None
+        self._parked: list[_Parked] = []  # at most the decide socket's connection slots
         self._server: Server | None = None
-        # decide.sock answers of the current generation (see _Answer), bounded like the
-        # generation's decision cache; replaced wholesale when the generation changes.
-        self._answers: dict[bytes, _Answer] = {}
-        self._answers_gen: Generation | None = None
-        self._last_status = ""
         self._closed = False
+        if edges.attributor is not None:
+            edges.attributor.subscribe(lambda: self.post(Traced()))
+
+    @property
+    def generation(self) -> Generation | None:
+        return self.decider.generation
 
     # --- posting (any thread) ------------------------------------------------------
 
@@ -173,20 +126,24 @@ class Core:
         server.add_reader(self._wake, self._drain)
         self.sink.emit(records.lifecycle(True, f"kmodd {os.getpid()} starting"))
         self._build_now(ReloadCause.START)
-        status = self.status_line()
-        self.edges.notifier.ready(status)
+        self.edges.notifier.ready(self.status_line())
         next_tick = self.edges.clock()
         while self._stopping is None:
             now = self.edges.clock()
             if now >= next_tick:
-                self._tick()
+                self.housekeeper.tick(self.generation, self._building, self.status_line())
                 next_tick = now + self._tick_interval()
-            deadline = server.next_deadline()
-            timeout = next_tick - now if deadline is None else min(next_tick, deadline) - now
-            server.poll(max(0.0, timeout))
+            self._expire_parked(now)
+            deadlines = [next_tick, server.next_deadline(), self._parked_deadline()]
+            server.poll(max(0.0, min(d for d in deadlines if d is not None) - now))
         self.edges.notifier.stopping(f"stopping: {self._stopping}")
         self.sink.emit(records.lifecycle(False, f"kmodd {os.getpid()} stopping: {self._stopping}"))
         return 0
+
+    @property
+    def parked(self) -> int:
+        """Kernel requests waiting for their requester's event right now."""
+        return len(self._parked)
 
     @property
     def server_overflows(self) -> int:
@@ -219,12 +176,10 @@ class Core:
             case _Built():
                 self._built(event)
             case ReloadRequested(cause=cause, reply=reply):
-                self.request_reload(cause.value, reply)
+                self.request_reload(cause, reply)
             case FilesChanged(paths=changed):
                 if not self._only_our_own_write(changed):
-                    self.request_reload(
-                        f"{ReloadCause.WATCH.value}: {' '.join(changed)[:200]}", None
-                    )
+                    self.request_reload(ReloadCause.WATCH, None, " ".join(changed)[:200])
             case UdevDevice():
                 self._udev(event)
             case UdevLost(reason=reason):
@@ -233,8 +188,8 @@ class Core:
                 )
                 if self.edges.recoldplug is not None:
                     self.edges.recoldplug()
-            case Tick():
-                self._tick()
+            case Traced():
+                self._answer_parked()
             case Stop(reason=reason):
                 self._stopping = reason
 
@@ -243,28 +198,29 @@ class Core:
     def _next_number(self) -> int:
         return 1 if self.generation is None else self.generation.number + 1
 
-    def _build(self, cause: str) -> _Built:
+    def _build(self, cause: ReloadCause, detail: str) -> _Built:
         start = time.monotonic()
         try:
             gen = publish(build_generation(self._next_number(), self.paths, self.options))
         except Exception as err:  # every failure is reported; the old generation stays
-            return _Built(cause, None, tuple(error_lines(err)), time.monotonic() - start)
-        return _Built(cause, gen, (), time.monotonic() - start)
+            took = time.monotonic() - start
+            return _Built(cause, detail, None, tuple(error_lines(err)), took)
+        return _Built(cause, detail, gen, (), time.monotonic() - start)
 
-    def _build_now(self, cause: str) -> None:
+    def _build_now(self, cause: ReloadCause) -> None:
         """The first generation is built on this thread: nothing to serve before it."""
-        self._built(self._build(cause))
+        self._built(self._build(cause, ""))
 
-    def request_reload(self, cause: str, reply: Reply | None) -> None:
-        if self._building:
+    def request_reload(self, cause: ReloadCause, reply: Reply | None, detail: str = "") -> None:
+        if self._building:  # coalesced: one more build after this one, for all of them
             self._next.append(reply)
-            self._next_cause = cause
+            self._next_cause = (cause, detail)
             return
         self._building = True
         self._waiting = [reply]
         self.edges.notifier.reloading()
         threading.Thread(
-            target=lambda: self.post(self._build(cause)), name="kmodd-build", daemon=True
+            target=lambda: self.post(self._build(cause, detail)), name="kmodd-build", daemon=True
         ).start()
 
     def _built(self, built: _Built) -> None:
@@ -275,9 +231,9 @@ class Core:
             error = "\n".join(built.errors)
             kept = None if self.generation is None else self.generation.number
             self.last_reload = ReloadResult(
-                False, built.cause, time.time(), built.duration_s, kept, built.errors
+                False, built.cause, built.detail, time.time(), built.duration_s, kept, built.errors
             )
-            self.sink.emit(records.reload_failed(built.errors, built.cause, kept))
+            self.sink.emit(records.reload_failed(built.errors, self.last_reload.cause_text, kept))
         if self._building:
             self.edges.notifier.ready(self.status_line())
         for reply in self._waiting:
@@ -285,22 +241,23 @@ class Core:
                 reply(error)
         self._building = False
         self._waiting = []
-        if self._next or self._next_cause is not None:
-            replies, cause = self._next, self._next_cause or "coalesced"
+        if self._next_cause is not None:
+            replies, (cause, detail) = self._next, self._next_cause
             self._next, self._next_cause = [], None
-            self.request_reload(cause, None)
+            self.request_reload(cause, None, detail)
             self._waiting = replies
 
     def _swap(self, gen: Generation, built: _Built) -> None:
-        old, self.generation = self.generation, gen
+        old = self.generation
+        self.decider.use(gen)
         if old is not None:
             old.close()
         self.last_reload = ReloadResult(
-            True, built.cause, time.time(), built.duration_s, gen.number
+            True, built.cause, built.detail, time.time(), built.duration_s, gen.number
         )
-        self.sink.emit(
-            records.reload_ok(gen.number, gen.hash, built.cause, gen.mode, len(gen.compiled.files))
-        )
+        cause = self.last_reload.cause_text
+        files = len(gen.compiled.files)
+        self.sink.emit(records.reload_ok(gen.number, gen.hash, cause, gen.mode, files))
         for c in gen.conflicts:
             self.sink.emit(records.conflict(str(c), c.kind, c.module, gen.number))
 
@@ -316,82 +273,78 @@ class Core:
         except OSError:
             return False
 
-    # --- decisions ----------------------------------------------------------------
+    # --- kernel requests (decide.sock) ---------------------------------------------
 
-    def decide_line(self, name: bytes, peer: Peer) -> bytes:
-        """decide.sock: `allow RULE` / `deny RULE` / `error MESSAGE` (see docs/protocol.md)."""
+    def decide_line(self, name: bytes, peer: Peer, respond: Respond) -> bytes | None:
+        """decide.sock: `allow RULE` / `deny RULE` / `error MESSAGE` (docs/protocol.md), or
+        None when the answer comes later through RESPOND (parked for its requester)."""
         if not helper.valid_name(name):
-            self.stats.invalid_names += 1
+            self.decider.stats.invalid_names += 1
             self.sink.emit(
                 records.notice(f"denied invalid request name {name[:120]!r}", Priority.WARNING)
             )
             return b"deny invalid-name\n"
-        gen = self.generation
-        if gen is None:
-            self.stats.no_generation += 1
-            self.sink.emit(
-                records.fallback(
-                    f"no policy generation: helper decides {name.decode()} from its snapshot"
-                )
-            )
-            return b"error no policy generation\n"
-        who, extra = self._attribute(name, peer)
-        if who is not None and gen.compiled.uses_requester:
-            # Who asked decides: no per-name answer (the generation still caches by facts).
-            answer = _make_answer(gen, gen.decide(name.decode("ascii"), Source.KERNEL, who.facts()))
-        else:
-            answer = self._cached_answer(gen, name)
-        self.stats.count_keys(answer.verdict, answer.rule, "kernel")
-        self.sink.emit(records.annotate(answer.record, who, extra))
-        return answer.reply
-
-    def _cached_answer(self, gen: Generation, name: bytes) -> _Answer:
-        answer = self._answers.get(name)
-        if answer is None or self._answers_gen is not gen:
-            answer = self._answer(gen, name)
-        return answer
-
-    def _attribute(self, name: bytes, peer: Peer) -> tuple[Requester | None, dict[str, str]]:
-        """The requester of a kernel request (docs/attribution.md) and its journal fields;
-        (None, {}) without an attributor, (None, KMODD_REQUESTER=unknown...) when not known.
-        Waits (at most attribution.LOOKUP_TIMEOUT_S) only for a helper the kernel ran."""
         at = self.edges.attributor
-        if at is None:
-            return None, {}
+        if at is None or self.generation is None:
+            return self.decider.kernel(name, None, {})
         found = at.availability()
         if not found.available:
-            return None, records.unknown_requester(found)
+            return self.decider.kernel(name, None, records.unknown_requester(found))
         if not at.kernel_spawned(peer.pid):
-            return None, records.unknown_requester(found, "the helper was not run by the kernel")
-        who = at.lookup(name.decode("ascii"))
-        if who is None:
-            return None, records.unknown_requester(found, "no module_request event matched")
-        return who, records.requester(who)
+            why = "the helper was not run by the kernel"
+            return self.decider.kernel(name, None, records.unknown_requester(found, why))
+        now = self.edges.clock()
+        matched, who = at.take(name.decode("ascii"), now)
+        if matched or not at.running:
+            return self._with_requester(name, who)
+        self._parked.append(_Parked(name, respond, now, now + LOOKUP_TIMEOUT_S))
+        return None
 
-    def _answer(self, gen: Generation, name: bytes) -> _Answer:
-        if self._answers_gen is not gen:
-            self._answers, self._answers_gen = {}, gen
-        answer = _make_answer(gen, gen.decide(name.decode("ascii"), Source.KERNEL))
-        if len(self._answers) >= DECISION_CACHE_MAX:
-            del self._answers[next(iter(self._answers))]
-        self._answers[name] = answer
-        return answer
+    def _with_requester(self, name: bytes, who: Requester | None) -> bytes:
+        extra: Fields = (
+            records.requester(who)
+            if who is not None
+            else records.unknown_requester(self._availability(), "no module_request event matched")
+        )
+        return self.decider.kernel(name, who, extra)
 
-    def decide(
-        self, name: str, source: Source, *, log: bool, device: UdevDevice | None = None
-    ) -> Decision | None:
-        gen = self.generation
-        if gen is None:
-            return None
-        d = gen.decide(name, source)
-        if log:
-            self.stats.count(d)
-            enforcement = gen.enforcement_of(d)
-            self.sink.emit(records.decision(d, gen.number, device, enforcement=enforcement))
-        return d
+    def _availability(self) -> Availability:
+        at = self.edges.attributor
+        assert at is not None
+        return at.availability()
+
+    def _answer_parked(self) -> None:
+        """Events arrived: answer every parked request whose event is among them."""
+        at = self.edges.attributor
+        if at is None or not self._parked:
+            return
+        still = []
+        for p in self._parked:
+            matched, who = at.take(p.name.decode("ascii"), p.asked_at)
+            if matched:
+                p.respond(self._with_requester(p.name, who))
+            else:
+                still.append(p)
+        self._parked = still
+
+    def _expire_parked(self, now: float) -> None:
+        if not self._parked or self._parked[0].deadline > now:
+            return
+        at = self.edges.attributor
+        due = [p for p in self._parked if p.deadline <= now]
+        self._parked = [p for p in self._parked if p.deadline > now]
+        for p in due:
+            if at is not None:
+                at.missed(p.asked_at)
+            p.respond(self._with_requester(p.name, None))
+
+    def _parked_deadline(self) -> float | None:
+        return self._parked[0].deadline if self._parked else None  # parked in order
+
+    # --- udev ---------------------------------------------------------------------
 
     def _udev(self, device: UdevDevice) -> None:
-        if device.action == "remove":  # gone: no longer a device needing a denied module
+        if device.action is UdevAction.REMOVE:  # gone: no device needing a denied module
             self.devices.pop(device.devpath, None)
             return
         if not device.modalias:
@@ -399,100 +352,52 @@ class Core:
         if device.devpath not in self.devices and len(self.devices) >= DEVICES_MAX:
             del self.devices[next(iter(self.devices))]  # hotplug churn must not grow us
         self.devices[device.devpath] = device
-        gen = self.generation
-        if gen is None:
-            return
-        d = gen.decide(device.modalias, Source.UDEV)
         # Coldplug at start sees every present device: log only what the policy denies.
-        if device.action != "coldplug" or d.verdict is Verdict.DENY:
-            self.stats.count(d)
-            # A denied driver already in the kernel (the initramfs, an insmod) was not
-            # blocked: the record must say so, never "denied".
-            denied = [t.module for t in d.trace if t.module and t.verdict is Verdict.DENY]
-            loaded = sysmodule.loaded(denied, self.edges.sys_module) if denied else ()
-            self.sink.emit(
-                records.decision(
-                    d, gen.number, device, enforcement=gen.enforcement_of(d), loaded=loaded
-                )
-            )
+        coldplug = device.action is UdevAction.COLDPLUG
+        self.decider.logged(device.modalias, Source.UDEV, device=device, only_denied=coldplug)
 
     # --- control ------------------------------------------------------------------
 
-    def control(self, call: wire.Call, peer: Peer, respond: Callable[[bytes], None]) -> None:
-        from kmodd.daemon import status  # noqa: PLC0415 -- keeps the import graph one-way
-
-        status.dispatch(self, call, peer, respond)
+    def control(self, call: wire.Call, peer: Peer, respond: Respond) -> None:
+        control.dispatch(self, call, peer, respond)
 
     def refused(self, kind: Kind, peer: Peer, what: str) -> None:
         self.sink.emit(records.refused(kind.value, peer.pid, peer.uid, what))
 
-    # --- housekeeping -------------------------------------------------------------
+    def view(self) -> CoreView:
+        edges, hk = self.edges, self.housekeeper
 
-    def _tick(self) -> None:
-        self.edges.notifier.watchdog()
-        mp = self.edges.modprobe_path
-        if mp is not None:
-            state = mp.check()
-            if not state.ok and (self.tamper is None or self.tamper.current != state.current):
-                reassert = self.edges.reassert and state.current is not None
-                self.sink.emit(records.tamper(state.expected, state.current, reassert))
-                if reassert:
-                    self._reassert(mp)
-                    state = mp.check()
-            self.tamper = state
-        self._check_snapshot()
-        line = self.status_line()
-        if line != self._last_status:  # the manager's queue is finite: no repeats
-            self._last_status = line
-            self.edges.notifier.status(line)
+        def decide(name: str, source: Source) -> Decision | None:
+            found = self.decider.answer(name, source)
+            return None if found is None else found.decision
 
-    def _reassert(self, mp: ModprobePathLike) -> None:
-        # The helper may have been removed or the write refused: that is news for the
-        # journal and status, never a reason for the core loop to die.
-        try:
-            mp.install()
-        except KmoddError as err:
-            text = f"cannot re-assert kernel.modprobe: {err.message}"
-            self.sink.emit(records.notice(text, Priority.ERR))
-
-    def _check_snapshot(self) -> None:
-        """The snapshot must hold what this generation wrote: the helper ignores a torn or
-        corrupted one as a whole (and then falls back to plain modprobe), so anything else
-        is rewritten and reported.  Costs one ~100 KB read per tick when all is well.
-        Not while a build runs: its publish may already have written the next snapshot."""
-        gen = self.generation
-        if gen is None or self._building:
-            return
-        path = self.paths.snapshot
-        try:
-            rewritten = write_atomic(path, gen.snapshot, mode=0o600)
-        except (OSError, KmoddError) as err:
-            self.sink.emit(
-                records.notice(f"cannot restore the snapshot {path}: {err}", Priority.ERR)
-            )
-            return
-        if rewritten:
-            text = f"snapshot {path} did not hold generation {gen.number}: rewritten"
-            self.sink.emit(records.notice(text, Priority.WARNING))
+        return CoreView(
+            started=self.started,
+            paths=self.paths,
+            generation=self.generation,
+            last_reload=self.last_reload,
+            decisions=self.decider.stats.document(),
+            journal_dropped=self.sink.dropped,
+            journal_failed=self.sink.failed,
+            server_overflows=self.server_overflows,
+            notify_dropped=edges.notifier.dropped,
+            modprobe_managed=edges.modprobe_path is not None,
+            tamper=hk.tamper,
+            static_usermodehelper=edges.static_usermodehelper,
+            devices=tuple(self.devices.values()),
+            notes=tuple(self.notes),
+            attribution=None if edges.attributor is None else edges.attributor.status(),
+            udev=edges.udev,
+            watcher=edges.watcher,
+            decide=decide,
+        )
 
     def status_line(self) -> str:
         gen = self.generation
         if gen is None:
             return "no policy generation (helper falls back to its snapshot)"
-        v = self.stats.verdicts
+        v = self.decider.stats.verdicts
         return (
-            f"generation {gen.number} ({gen.mode.value}); allowed {v['allow']}, "
-            f"denied {v['deny']}, would-deny {v['would_deny']}"
+            f"generation {gen.number} ({gen.mode.value}); allowed {v[Outcome.ALLOW]}, "
+            f"denied {v[Outcome.DENY]}, would-deny {v[Outcome.WOULD_DENY]}"
         )
-
-
-def _make_answer(gen: Generation, d: Decision) -> _Answer:
-    verdict = b"allow " if d.effective is Verdict.ALLOW else b"deny "
-    record = records.decision(d, gen.number, enforcement=gen.enforcement_of(d))
-    return _Answer(verdict + _token(d.rule) + b"\n", record, verdict_key(d), d.rule)
-
-
-def _token(rule: str) -> bytes:
-    """A rule id as one word of the decide reply (ids are validated, but never trust)."""
-    raw = rule.encode("ascii", "replace")[:200]
-    return bytes(b if 0x21 <= b <= 0x7E else 0x5F for b in raw) or b"-"

@@ -12,8 +12,13 @@ class ReloadCause(StrEnum):
     START = "start"
     SIGNAL = "signal"  # SIGHUP (systemctl reload)
     CONTROL = "control"  # kmodctl reload
-    WATCH = "watch"  # a watched file changed
-    UDEV = "udev"
+    WATCH = "watch"  # a watched file changed (the detail names them)
+
+
+class UdevAction(StrEnum):
+    ADD = "add"  # an add uevent
+    COLDPLUG = "coldplug"  # present at start (or after a lost monitor), read from sysfs
+    REMOVE = "remove"  # gone: only devpath is set
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +34,7 @@ class UdevDevice:
     """A device that wants a module (an `add` uevent or a coldplugged device), or one that
     went away (`remove`: only devpath is set)."""
 
-    action: str  # "add", "coldplug" or "remove"
+    action: UdevAction
     devpath: str
     subsystem: str
     modalias: str
@@ -53,8 +58,8 @@ class ReloadRequested:
 
 
 @dataclass(frozen=True, slots=True)
-class Tick:
-    """Periodic housekeeping: watchdog ping, kernel.modprobe tamper check."""
+class Traced:
+    """The attributor read module_request events: parked decisions may now be answered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,5 +67,5 @@ class Stop:
     reason: str
 
 
-Event = FilesChanged | UdevDevice | UdevLost | ReloadRequested | Tick | Stop
+Event = FilesChanged | UdevDevice | UdevLost | ReloadRequested | Traced | Stop
 Post = Callable[[Event], None]

@@ -1,6 +1,7 @@
 """Policy generations: load -> validate -> compile -> render, all or nothing, then publish.
 
-A Generation is immutable (apart from its decision cache) and owned by the core thread: it
+A Generation is immutable and owned by the core thread (its decisions are cached by the
+core's Decider, kmodd.daemon.decider): it
 holds the libkmod context the decisions resolve against, the compiled policy, the rendered
 enforcement text and the helper snapshot.  A failed build raises and leaves nothing
 behind; the core keeps serving the last good generation.
@@ -15,6 +16,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from kmodd import helper
@@ -39,13 +41,6 @@ from kmodd.policy.model import PolicySet
 from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.types import Mode, Source
 
-# Distinct (name, source) decisions remembered per generation.  Request names are
-# attacker-chosen (`mount -t <anything>` asks for fs-<anything>), so the cache is bounded
-# (FIFO); the working set of a real system is a few hundred names.  Names that resolve to
-# no module are not cached at all: deciding one again is a failed index lookup and no
-# probe, and they are what a flood of made-up names is made of (at 16,384 entries those
-# grew the daemon by ~7 MB over make bench's 100,000 decisions).
-DECISION_CACHE_MAX = 4096
 MASK_DIR = "kmod-mask"  # in the runtime dir: hides our own enforcement file from decisions
 
 
@@ -56,11 +51,16 @@ class BuildOptions:
     cmdline: Path = PROC_CMDLINE  # kmodd.mode=permissive escape hatch
 
 
+class ConflictKind(StrEnum):
+    INSTALL = "install"  # another install command for a denied module wins
+    ALIAS = "alias"  # a modprobe.d alias maps a name onto a denied module
+
+
 @dataclass(frozen=True, slots=True)
 class Conflict:
     """A modprobe.d line that would bypass or reshape a deny (reported, not fatal)."""
 
-    kind: str  # "install" (another install command wins) or "alias" (maps onto a denied module)
+    kind: ConflictKind
     module: str
     detail: str
 
@@ -87,9 +87,6 @@ class Generation:
     builtins: frozenset[str] = frozenset()
     initramfs: PolicyRecord | None = None  # what the current initramfs carries (status)
     created: float = field(default_factory=time.time)
-    _decisions: dict[tuple[str, Source, RequesterFacts | None], engine.Decision] = field(
-        default_factory=dict, compare=False, repr=False
-    )
 
     @property
     def mode(self) -> Mode:
@@ -98,22 +95,10 @@ class Generation:
     def decide(
         self, name: str, source: Source, requester: RequesterFacts | None = None
     ) -> engine.Decision:
-        """Decide NAME for SOURCE and REQUESTER (cached; core thread only: libkmod is not
-        thread-safe).  A policy without requester rules ignores the requester, so its
-        cache holds one entry per name whoever asks."""
-        if not self.compiled.uses_requester:
-            requester = None
-        key = (name, source, requester)
-        found = self._decisions.get(key)
-        if found is None:
-            request = engine.Request(name, source, requester)
-            found = engine.decide(request, self.kmod.resolve(name), self.compiled)
-            if not found.modules:
-                return found
-            if len(self._decisions) >= DECISION_CACHE_MAX:
-                del self._decisions[next(iter(self._decisions))]
-            self._decisions[key] = found
-        return found
+        """Decide NAME for SOURCE and REQUESTER (uncached: the Decider caches; core thread
+        only, libkmod is not thread-safe)."""
+        request = engine.Request(name, source, requester)
+        return engine.decide(request, self.kmod.resolve(name), self.compiled)
 
     def enforcement_of(self, d: engine.Decision) -> tuple[frozenset[Layer], str | None]:
         """The layers that hold deny D, and why it is not enforced (None: it is)."""
@@ -144,7 +129,9 @@ def _decision_context(paths: Paths) -> KmodContext:
     (_write_mask first: an empty file of the same basename in a dir listed first masks it, as kmod's
     first-basename-wins rule says): decisions must see the real module graph, not the
     install stubs of the previous generation."""
-    return KmodContext.from_paths(paths, config_paths=_config_paths(paths))
+    # No resolution cache of its own (cache_size=0): the core's Decider is the one
+    # decision cache, and it keeps no name that resolves to nothing (a flood).
+    return KmodContext(paths.root, paths.release, config_paths=_config_paths(paths), cache_size=0)
 
 
 def _write_mask(paths: Paths) -> None:
@@ -312,9 +299,9 @@ def find_conflicts(paths: Paths, denials: dict[str, str]) -> list[Conflict]:
         line = prov.install_line(module)
         if line is not None and line.path != ours:
             detail = f"{line.location()}: `{line.text}` is what kmod runs, not kmodd's deny stub"
-            conflicts.append(Conflict("install", module, detail))
+            conflicts.append(Conflict(ConflictKind.INSTALL, module, detail))
         for alias in prov.aliases_onto(module):
             if alias.path != ours:
                 detail = f"{alias.location()}: `{alias.text}` maps {alias.target} onto it"
-                conflicts.append(Conflict("alias", module, detail))
+                conflicts.append(Conflict(ConflictKind.ALIAS, module, detail))
     return conflicts

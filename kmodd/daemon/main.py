@@ -22,12 +22,12 @@ from kmodd import __version__, helper
 from kmodd.contract.journal import Priority
 from kmodd.daemon import records
 from kmodd.daemon.attribution import INSTANCE, Attributor
-from kmodd.daemon.core import Core, Edges
+from kmodd.daemon.core import Core
 from kmodd.daemon.events import ReloadCause, ReloadRequested, Stop
 from kmodd.daemon.generation import BuildOptions
 from kmodd.daemon.journal import JournalSink, default_sender, stream_sender
 from kmodd.daemon.notify import Notifier
-from kmodd.daemon.relay import NotifyRelay
+from kmodd.daemon.ports import Edges
 from kmodd.daemon.server import Kind, Server, activated_sockets, bind_unix, prepare_runtime_dir
 from kmodd.errors import KmoddError
 from kmodd.host.kconfig import static_usermodehelper
@@ -233,12 +233,13 @@ def run(args: argparse.Namespace) -> int:
         deny_stub=args.deny_stub or f"{args.helper_path} --deny",
         cmdline=Path(args.cmdline),
     )
-    relay = NotifyRelay(Notifier())
-    relay.start()
+    # No relay thread: Notifier.send is non-blocking, a manager that stops reading costs a
+    # counted drop (tests/daemon/test_lifecycle.py, a deaf NOTIFY_SOCKET), never a stall.
+    notifier = Notifier()
     attributor = _attributor(args, sink)
-    edges = Edges(notifier=relay, reassert=args.reassert, attributor=attributor)
+    edges = Edges(notifier=notifier, reassert=args.reassert, attributor=attributor)
     core = Core(paths, options, sink, edges)
-    cleanup: Cleanup = [sink.stop, relay.stop, core.close]
+    cleanup: Cleanup = [sink.stop, core.close]
     if attributor is not None:
         cleanup.append(attributor.stop)
         found = attributor.availability()

@@ -3,7 +3,14 @@ injects the real ones, tests inject fakes, and no edge module imports the core."
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
+
+from kmodd.daemon.attribution import Attributor
+from kmodd.host.sysmodule import SYS_MODULE
 
 
 class NotifierLike(Protocol):
@@ -55,3 +62,19 @@ class WatcherLike(Protocol):
 
     @property
     def errors(self) -> int: ...
+
+
+@dataclass
+class Edges:
+    """The I/O edges the composition root injects (None: not available / disabled)."""
+
+    notifier: NotifierLike
+    modprobe_path: ModprobePathLike | None = None
+    recoldplug: Callable[[], None] | None = None
+    reassert: bool = False  # re-point kernel.modprobe at the helper after tampering
+    attributor: Attributor | None = None  # who asked (tracefs); None: not attempted
+    udev: UdevLike | None = None  # the running uevent monitor
+    watcher: WatcherLike | None = None  # the running file watcher
+    static_usermodehelper: str | None = None  # the kernel bypasses kernel.modprobe: why
+    sys_module: Path = SYS_MODULE  # which modules are loaded (udev "already loaded" records)
+    clock: Callable[[], float] = time.monotonic

@@ -33,8 +33,6 @@ from kmodd.errors import KmoddError
 DECIDE_CONN_TIMEOUT_S = 1.0  # the helper gives up after DECIDE_TIMEOUT_S (0.5 s) anyway
 CONTROL_IDLE_TIMEOUT_S = 30.0
 CONTROL_CALL_TIMEOUT_S = 120.0  # a reload builds a whole generation (~1 s on Debian's tree)
-# Per socket, so that status readers filling their slots can never starve the helper.
-MAX_CONNECTIONS = {"decide": 512, "control": 64}  # decide: 10x the kernel's 50 helpers
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; not in Python 3.11
 PEERGROUPS_MAX = 256
 ROOT_ONLY = frozenset({wire.Method.RELOAD, wire.Method.DECIDE})
@@ -47,6 +45,10 @@ class ServerError(KmoddError):
 class Kind(StrEnum):
     DECIDE = "decide"  # also the FileDescriptorName= in kmodd-decide.socket
     CONTROL = "control"
+
+
+# Per socket, so that status readers filling their slots can never starve the helper.
+MAX_CONNECTIONS = {Kind.DECIDE: 512, Kind.CONTROL: 64}  # decide: 10x the kernel's 50 helpers
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,9 @@ def peer_of(sock: socket.socket, *, groups_too: bool = True) -> Peer:
 class Handler(Protocol):
     """What the core provides to the server (all called on the loop thread)."""
 
-    def decide_line(self, name: bytes, peer: Peer) -> bytes: ...
+    def decide_line(
+        self, name: bytes, peer: Peer, respond: Callable[[bytes], None]
+    ) -> bytes | None: ...  # None: parked, RESPOND answers later
 
     def control(self, call: wire.Call, peer: Peer, respond: Callable[[bytes], None]) -> None: ...
 
@@ -170,7 +174,7 @@ class _Conn:
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     framer: wire.Framer | None = None
-    busy: bool = False  # a control call is being answered later (reload)
+    busy: bool = False  # answered later: a control call (reload), a parked decision
     closing: bool = False  # the peer is done (EOF) or we are: close once outbuf is flushed
     events: int = 0  # what the selector watches for this connection (0: not registered)
     closed: bool = False
@@ -307,6 +311,8 @@ class Server:
             self._read_control(conn, data)
 
     def _read_decide(self, conn: _Conn, data: bytes) -> None:
+        if conn.busy:  # one request per connection; the parked one is being answered
+            return
         conn.inbuf += data
         end = conn.inbuf.find(b"\n")
         if end < 0:
@@ -317,8 +323,18 @@ class Server:
         if not line.startswith(helper.DECIDE_PREFIX):
             self._send(conn, b"error expected: decide NAME\n", close=True)
             return
-        reply = self._handler.decide_line(line[len(helper.DECIDE_PREFIX) :], conn.peer)
-        self._send(conn, reply, close=True)
+
+        def respond(reply: bytes) -> None:
+            if not conn.closed:
+                conn.busy = False
+                self._send(conn, reply, close=True)
+
+        reply = self._handler.decide_line(line[len(helper.DECIDE_PREFIX) :], conn.peer, respond)
+        if reply is None:  # parked: keep reading only to notice EOF, the deadline still holds
+            conn.busy = True
+            self._watch(conn, selectors.EVENT_READ)
+        else:
+            self._send(conn, reply, close=True)
 
     def _read_control(self, conn: _Conn, data: bytes) -> None:
         assert conn.framer is not None

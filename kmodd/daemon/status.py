@@ -1,18 +1,12 @@
-"""The control methods (io.kmodd.*) and the status document kmodctl shows.
-
-Runs on the core thread (called by Core.control); the server has already checked who may
-call what (wire.Method and server.ROOT_ONLY).
-"""
+"""The status document (io.kmodd.Status, `kmodctl status`), built from a read-only view
+of the core (kmodd.daemon.view); its type is kmodd.contract.status."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from kmodd import wire
 from kmodd.contract.status import (
     LAYERS,
     ConflictInfo,
@@ -29,89 +23,14 @@ from kmodd.contract.status import (
     UdevInfo,
     WatcherInfo,
 )
-from kmodd.daemon import records
 from kmodd.daemon.generation import Conflict
-from kmodd.daemon.server import Peer
-from kmodd.policy.engine import Decision
+from kmodd.daemon.view import CoreView
 from kmodd.policy.types import Mode, Source, Verdict
 
-if TYPE_CHECKING:
-    from kmodd.daemon.core import Core
-
-NAME_MAX = 4096  # request names are <= 55 bytes; device modaliases stay under 2 KiB
 LOADED_MAX = 4096  # /proc/modules lines considered
-Respond = Callable[[bytes], None]
 
 
-def dispatch(core: Core, call: wire.Call, peer: Peer, respond: Respond) -> None:
-    try:
-        match call.method:
-            case wire.Method.STATUS:
-                respond(wire.encode_reply(status(core)))
-            case wire.Method.RELOAD:
-                reload(core, respond)
-            case wire.Method.EXPLAIN:
-                respond(decide(core, call.parameters, peer, log=False))
-            case wire.Method.DECIDE:
-                respond(decide(core, call.parameters, peer, log=True))
-    except Exception as err:  # a bug in one call must not take the daemon down
-        respond(wire.encode_error(wire.ErrorName.INTERNAL, f"{type(err).__name__}: {err}"))
-
-
-def reload(core: Core, respond: Respond) -> None:
-    def done(error: str | None) -> None:
-        gen = core.generation
-        if error is None and gen is not None:
-            respond(wire.encode_reply({"generation": gen.number, "hash": gen.hash}))
-        else:
-            errors = list(core.last_reload.errors) if core.last_reload else [str(error)]
-            respond(
-                wire.encode_error(
-                    wire.ErrorName.RELOAD_FAILED,
-                    f"reload failed with {len(errors)} error(s)",
-                    errors=errors,
-                    kept_generation=None if gen is None else gen.number,
-                )
-            )
-
-    core.request_reload("control", done)
-
-
-def decision_dict(d: Decision, generation: int) -> dict[str, Any]:
-    return {
-        "request": d.request,
-        "source": d.source.value,
-        "class": d.request_class.value,
-        "modules": list(d.modules),
-        "load_set": list(d.load_set),
-        "verdict": d.verdict.value,
-        "effective": d.effective.value,
-        "rule": d.rule,
-        "module": d.module,
-        "mode": d.mode.value,
-        "reason": d.reason,
-        "generation": generation,
-    }
-
-
-def decide(core: Core, params: dict[str, Any], peer: Peer, *, log: bool) -> bytes:
-    name, source = params.get("name"), params.get("source", Source.CLI.value)
-    if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX or "\0" in name:
-        return wire.encode_error(wire.ErrorName.INVALID_PARAMETER, "'name' must be a short string")
-    if source not in {s.value for s in Source}:
-        return wire.encode_error(wire.ErrorName.INVALID_PARAMETER, f"unknown source {source!r}")
-    gen = core.generation
-    if gen is None:
-        return wire.encode_error(wire.ErrorName.NO_GENERATION, "no policy generation is active")
-    d = gen.decide(name, Source(source))
-    if log:
-        core.stats.count(d)
-        enforcement = gen.enforcement_of(d)
-        core.sink.emit(records.decision(d, gen.number, peer_pid=peer.pid, enforcement=enforcement))
-    return wire.encode_reply(decision_dict(d, gen.number))
-
-
-def _generation(core: Core) -> GenerationInfo | None:
+def _generation(core: CoreView) -> GenerationInfo | None:
     gen = core.generation
     if gen is None:
         return None
@@ -131,13 +50,13 @@ def _generation(core: Core) -> GenerationInfo | None:
     )
 
 
-def _last_reload(core: Core) -> ReloadInfo | None:
+def _last_reload(core: CoreView) -> ReloadInfo | None:
     r = core.last_reload
     if r is None:
         return None
     return ReloadInfo(
         ok=r.ok,
-        cause=r.cause,
+        cause=r.cause_text,
         at=r.at,
         duration_s=round(r.duration_s, 3),
         generation=r.generation,
@@ -145,28 +64,28 @@ def _last_reload(core: Core) -> ReloadInfo | None:
     )
 
 
-def _kernel_modprobe(core: Core) -> KernelModprobe:
+def _kernel_modprobe(core: CoreView) -> KernelModprobe:
     state = core.tamper
-    if core.edges.modprobe_path is None or state is None:
+    if not core.modprobe_managed or state is None:
         return KernelModprobe(managed=False, points_at_helper=None, current=None)
     return KernelModprobe(
         managed=True, points_at_helper=state.ok, current=state.current, expected=state.expected
     )
 
 
-def _helper_layer(core: Core) -> LayerState:
+def _helper_layer(core: CoreView) -> LayerState:
     """Layer 1: the kernel runs the helper for every request_module()."""
-    if core.edges.static_usermodehelper is not None:
+    if core.static_usermodehelper is not None:
         return LayerState(active=False, reason="CONFIG_STATIC_USERMODEHELPER=y: not used")
     state = core.tamper
-    if core.edges.modprobe_path is None or state is None:
+    if not core.modprobe_managed or state is None:
         return LayerState(active=False, reason="kernel.modprobe is not managed by this daemon")
     if not state.ok:
         return LayerState(active=False, reason=f"kernel.modprobe is {state.current!r}")
     return LayerState(active=True, reason=f"kernel.modprobe points at {state.expected}")
 
 
-def _modprobe_d_layer(core: Core) -> LayerState:
+def _modprobe_d_layer(core: CoreView) -> LayerState:
     """Layer 2: kmod (udev, modules-load, an admin's modprobe) reads the rendered file."""
     gen, path = core.generation, core.paths.enforcement_file
     if gen is None:
@@ -182,14 +101,14 @@ def _modprobe_d_layer(core: Core) -> LayerState:
     return LayerState(active=True, reason=f"{path} ({len(gen.denied_modules)} denied modules)")
 
 
-def _udev_layer(core: Core) -> LayerState:
-    udev = core.edges.udev
+def _udev_layer(core: CoreView) -> LayerState:
+    udev = core.udev
     if udev is None:
         return LayerState(active=False, reason="no uevent monitor (--no-udev, or it failed)")
     return LayerState(active=True, reason=f"uevent monitor running ({udev.source} events)")
 
 
-def layers(core: Core) -> Layers:
+def layers(core: CoreView) -> Layers:
     """One entry per enforcing layer (design.md §5.4), from what this daemon knows."""
     return {
         "kernel": LayerState(active=False, reason="not implemented yet (BPF LSM layer)"),
@@ -199,7 +118,96 @@ def layers(core: Core) -> Layers:
     }
 
 
-def coverage(core: Core) -> list[RuleCoverageInfo]:
+def _watcher(core: CoreView) -> WatcherInfo | None:
+    w = core.watcher
+    return None if w is None else WatcherInfo(running=True, errors=w.errors)
+
+
+def _udev(core: CoreView) -> UdevInfo | None:
+    udev = core.udev
+    if udev is None:
+        return None
+    c = udev.counters
+    return UdevInfo(
+        running=True, source=udev.source, events=c.events, skipped=c.skipped, lost=c.lost
+    )
+
+
+def devices_denied(core: CoreView) -> list[DeviceDenied]:
+    gen = core.generation
+    if gen is None:
+        return []
+    out = []
+    for dev in sorted(core.devices, key=lambda x: x.devpath):
+        d = core.decide(dev.modalias, Source.UDEV)
+        if d is not None and d.verdict is Verdict.DENY:
+            out.append(
+                DeviceDenied(
+                    devpath=dev.devpath,
+                    subsystem=dev.subsystem,
+                    modalias=dev.modalias,
+                    modules=list(d.modules),
+                    rule=d.rule,
+                )
+            )
+    return out
+
+
+def loaded_denied(core: CoreView, proc_modules: Path | None = None) -> list[LoadedDenied]:
+    """Modules loaded right now (ROOT/proc/modules) that the policy denies."""
+    gen = core.generation
+    if gen is None:
+        return []
+    path = proc_modules or core.paths.root / "proc/modules"
+    try:
+        lines = path.read_text(errors="replace").splitlines()[:LOADED_MAX]
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        name = line.split(" ", 1)[0]
+        if not name:
+            continue
+        d = core.decide(name, Source.KERNEL)
+        if d is not None and d.verdict is Verdict.DENY:
+            out.append(LoadedDenied(module=name, rule=d.rule, reason=d.reason))
+    return out
+
+
+def status(core: CoreView) -> StatusDocument:
+    gen = core.generation
+    return StatusDocument(
+        pid=os.getpid(),
+        uptime_s=round(time.time() - core.started, 3),
+        started=core.started,
+        root=str(core.paths.root),
+        release=core.paths.release,
+        runtime_dir=str(core.paths.runtime_dir),
+        generation=_generation(core),
+        mode=None if gen is None else gen.mode.value,
+        last_reload=_last_reload(core),
+        decisions=core.decisions,
+        journal={"dropped": core.journal_dropped, "failed": core.journal_failed},
+        server={"refused_over_limit": core.server_overflows},
+        # sd_notify messages the notifier dropped because the manager stopped reading
+        notify={"dropped": core.notify_dropped},
+        kernel_modprobe=_kernel_modprobe(core),
+        enforcement_file=str(core.paths.enforcement_file),
+        snapshot=str(core.paths.snapshot),
+        conflicts=[] if gen is None else [_conflict(c) for c in gen.conflicts],
+        devices_denied=devices_denied(core),
+        loaded_denied=loaded_denied(core),
+        notes=list(core.notes),
+        attribution=core.attribution,
+        layers=layers(core),
+        coverage=coverage(core),
+        initramfs=initramfs(core),
+        watcher=_watcher(core),
+        udev=_udev(core),
+    )
+
+
+def coverage(core: CoreView) -> list[RuleCoverageInfo]:
     """Per deny rule of the active generation: which layers hold it (computed at build)."""
     gen = core.generation
     if gen is None:
@@ -218,112 +226,14 @@ def coverage(core: Core) -> list[RuleCoverageInfo]:
     ]
 
 
-def initramfs(core: Core) -> InitramfsInfo | None:
+def initramfs(core: CoreView) -> InitramfsInfo | None:
+    """Whether the initramfs for this release carries the active policy (read at build)."""
     gen = core.generation
     if gen is None or gen.initramfs is None:
         return None
     r = gen.initramfs
     return InitramfsInfo(
-        path=r.path,
-        policy_hash=r.policy_hash,
-        current=r.current(gen.policy.hash),
-        error=r.error,
-    )
-
-
-def _watcher(core: Core) -> WatcherInfo | None:
-    w = core.edges.watcher
-    return None if w is None else WatcherInfo(running=True, errors=w.errors)
-
-
-def _udev(core: Core) -> UdevInfo | None:
-    udev = core.edges.udev
-    if udev is None:
-        return None
-    c = udev.counters
-    return UdevInfo(
-        running=True, source=udev.source, events=c.events, skipped=c.skipped, lost=c.lost
-    )
-
-
-def devices_denied(core: Core) -> list[DeviceDenied]:
-    gen = core.generation
-    if gen is None:
-        return []
-    out = []
-    for devpath, dev in sorted(core.devices.items()):
-        d = gen.decide(dev.modalias, Source.UDEV)
-        if d.verdict is Verdict.DENY:
-            out.append(
-                DeviceDenied(
-                    devpath=devpath,
-                    subsystem=dev.subsystem,
-                    modalias=dev.modalias,
-                    modules=list(d.modules),
-                    rule=d.rule,
-                )
-            )
-    return out
-
-
-def loaded_denied(core: Core, proc_modules: Path | None = None) -> list[LoadedDenied]:
-    """Modules loaded right now (ROOT/proc/modules) that the policy denies."""
-    gen = core.generation
-    if gen is None:
-        return []
-    path = proc_modules or core.paths.root / "proc/modules"
-    try:
-        lines = path.read_text(errors="replace").splitlines()[:LOADED_MAX]
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        name = line.split(" ", 1)[0]
-        if not name:
-            continue
-        d = gen.decide(name, Source.KERNEL)
-        if d.verdict is Verdict.DENY:
-            out.append(LoadedDenied(module=name, rule=d.rule, reason=d.reason))
-    return out
-
-
-def status(core: Core) -> StatusDocument:
-    gen = core.generation
-    stats = core.stats
-    return StatusDocument(
-        pid=os.getpid(),
-        uptime_s=round(time.time() - core.started, 3),
-        started=core.started,
-        root=str(core.paths.root),
-        release=core.paths.release,
-        runtime_dir=str(core.paths.runtime_dir),
-        generation=_generation(core),
-        mode=None if gen is None else gen.mode.value,
-        last_reload=_last_reload(core),
-        decisions={
-            "verdicts": dict(stats.verdicts),
-            "rules": dict(stats.rules),
-            "sources": dict(stats.sources),
-            "invalid_names": stats.invalid_names,
-            "no_generation": stats.no_generation,
-        },
-        journal={"dropped": core.sink.dropped, "failed": core.sink.failed},
-        server={"refused_over_limit": core.server_overflows},
-        # sd_notify messages the notifier dropped because the manager stopped reading
-        notify={"dropped": core.edges.notifier.dropped},
-        kernel_modprobe=_kernel_modprobe(core),
-        enforcement_file=str(core.paths.enforcement_file),
-        snapshot=str(core.paths.snapshot),
-        conflicts=[] if gen is None else [_conflict(c) for c in gen.conflicts],
-        devices_denied=devices_denied(core),
-        loaded_denied=loaded_denied(core),
-        notes=list(core.notes),
-        attribution=None if core.edges.attributor is None else core.edges.attributor.status(),
-        layers=layers(core),
-        coverage=coverage(core),
-        initramfs=initramfs(core),
-        watcher=_watcher(core),
-        udev=_udev(core),
+        path=r.path, policy_hash=r.policy_hash, current=r.current(gen.policy.hash), error=r.error
     )
 
 

@@ -27,10 +27,10 @@ from typing import Any, Literal
 
 import pyudev
 
-from kmodd.daemon.events import Post, UdevDevice, UdevLost
+from kmodd.daemon.events import Post, UdevAction, UdevDevice, UdevLost
 from kmodd.errors import KmoddError
 
-Source = Literal["udev", "kernel"]
+MonitorSource = Literal["udev", "kernel"]  # netlink group: after udevd, or raw uevents
 MODALIAS_MAX = 1024  # real ones are < 300 bytes (usb/pci/acpi/of); longer means hostile
 FIELD_MAX = 4096  # DEVPATH and SUBSYSTEM
 DRAIN_MAX = 256  # events read per wake-up before checking for stop
@@ -64,7 +64,7 @@ def device_from_properties(
     if not coldplug and action == "remove":
         devpath = printable(props.get("DEVPATH") or "", FIELD_MAX)
         return (
-            UdevDevice(action="remove", devpath=devpath, subsystem="", modalias="")
+            UdevDevice(action=UdevAction.REMOVE, devpath=devpath, subsystem="", modalias="")
             if devpath
             else None
         )
@@ -78,7 +78,7 @@ def device_from_properties(
         return None
     seqnum = props.get("SEQNUM", "")
     return UdevDevice(
-        action="coldplug" if coldplug else "add",
+        action=UdevAction.COLDPLUG if coldplug else UdevAction.ADD,
         devpath=printable(props.get("DEVPATH") or "", FIELD_MAX),
         subsystem=printable(props.get("SUBSYSTEM") or "", FIELD_MAX),
         modalias=modalias,
@@ -128,12 +128,12 @@ class UdevSource:
         post: Post,
         *,
         context_factory: Callable[[], Any] = pyudev.Context,
-        source: Source | None = None,
+        source: MonitorSource | None = None,
         receive_buffer: int | None = None,
     ) -> None:
         self._post = post
         self._context_factory = context_factory
-        self.source: Source = source or ("udev" if udevd_running() else "kernel")
+        self.source: MonitorSource = source or ("udev" if udevd_running() else "kernel")
         self._receive_buffer = receive_buffer
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)

@@ -18,7 +18,7 @@ from kmodd.contract.journal import (
     requester_fields,
 )
 from kmodd.daemon import records
-from kmodd.daemon.events import UdevDevice
+from kmodd.daemon.events import UdevAction, UdevDevice
 from kmodd.policy.engine import Decision
 from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.requests import RequestClass
@@ -94,7 +94,9 @@ def test_decision_records_follow_the_schema(
 ) -> None:
     d = _decision(source, verdict, mode)
     assert d.outcome is outcome
-    device = UdevDevice("add", "/devices/x", "usb", "usb:v1") if source is Source.UDEV else None
+    device = (
+        UdevDevice(UdevAction.ADD, "/devices/x", "usb", "usb:v1") if source is Source.UDEV else None
+    )
     peer = 42 if source is Source.CLI else None
     record = records.decision(d, 3, device, peer)
     assert record.message_id is MessageId.for_outcome(outcome)

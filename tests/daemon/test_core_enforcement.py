@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from kmodd.contract.journal import Field, MessageId, Record
-from kmodd.daemon.core import Core, Edges
-from kmodd.daemon.events import UdevDevice
+from kmodd.daemon.core import Core
+from kmodd.daemon.events import ReloadCause, UdevAction, UdevDevice
 from kmodd.daemon.generation import BuildOptions
 from kmodd.daemon.journal import JournalSink
 from kmodd.daemon.notify import Notifier
+from kmodd.daemon.ports import Edges
 from kmodd.daemon.server import Peer, prepare_runtime_dir
 from kmodd.host.sysmodule import loaded
 from kmodd.paths import Paths
@@ -47,7 +48,9 @@ rules:
     action: deny
     match: {module: [hfs], class: [filesystem]}
 """
-SERIO = UdevDevice("add", "/devices/platform/i8042/serio1", "serio", "serio:ty01pr00id00ex00")
+SERIO = UdevDevice(
+    UdevAction.ADD, "/devices/platform/i8042/serio1", "serio", "serio:ty01pr00id00ex00"
+)
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Rig:
         return self.sent[-1]
 
     def kernel(self, name: str) -> Record:
-        self.core.decide_line(name.encode(), Peer(1, 0, 0))
+        self.core.decide_line(name.encode(), Peer(1, 0, 0), lambda _reply: None)
         assert self.core.sink.flush()
         return self.sent[-1]
 
@@ -87,7 +90,7 @@ def rig(root: SystemRoot, tmp_path: Path) -> Iterator[Rig]:
     sys_module.mkdir()
     edges = Edges(notifier=Notifier(env={}), sys_module=sys_module)
     core = Core(paths, options, sink, edges)
-    core._build_now("start")
+    core._build_now(ReloadCause.START)
     assert sink.flush()
     assert core.generation is not None, [r.message for r in sent]
     yield Rig(core, sent, sys_module)
@@ -138,7 +141,7 @@ def test_a_builtin_deny_is_not_enforced(rig: Rig) -> None:
 
 
 def test_a_rule_no_layer_holds_for_udev(rig: Rig) -> None:
-    record = rig.udev(UdevDevice("add", "/devices/x", "platform", "fs-hfs"))
+    record = rig.udev(UdevDevice(UdevAction.ADD, "/devices/x", "platform", "fs-hfs"))
     assert record.fields[Field.VERDICT] == "deny", record
     assert record.fields[Field.ENFORCED].startswith("no: coverage: no layer holds rule hfs-by")
     assert record.fields[Field.LAYERS] == ""

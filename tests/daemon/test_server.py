@@ -164,9 +164,15 @@ def test_atomic_write_replaces_a_planted_symlink_without_following(tmp_path: Pat
 class _Decider:
     def __init__(self) -> None:
         self.names: list[bytes] = []
+        self.parked: list[Callable[[bytes], None]] = []
 
-    def decide_line(self, name: bytes, peer: server.Peer) -> bytes:
+    def decide_line(
+        self, name: bytes, peer: server.Peer, respond: Callable[[bytes], None]
+    ) -> bytes | None:
         self.names.append(name)
+        if name.startswith(b"parked-"):  # answered later, as the core does for attribution
+            self.parked.append(respond)
+            return None
         return b"deny test-rule\n"
 
     def control(self, call: object, peer: server.Peer, respond: object) -> None:
@@ -210,5 +216,36 @@ def test_decide_line_sent_whole_or_in_pieces_is_answered(tmp_path: Path) -> None
         _serve_until(srv, lambda: srv.next_deadline() is None)  # the idle one timed out
         assert idle.recv(100) == b""
         assert handler.names == [b"fs-whole", b"fs-pieces"]
+    finally:
+        srv.close()
+
+
+@root_required
+def test_a_parked_decision_holds_only_its_own_connection(tmp_path: Path) -> None:
+    """decide_line may answer later (the core parks a request waiting for its requester):
+    the connection stays open without a reply, others are served meanwhile, and the late
+    answer arrives and closes it; extra bytes on the parked connection change nothing."""
+    path = tmp_path / "decide.sock"
+    handler = _Decider()
+    srv = server.Server({server.Kind.DECIDE: server.bind_unix(path, 0o600, None)}, handler)
+    try:
+        parked = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        parked.connect(str(path))
+        parked.sendall(b"decide parked-1\n")
+        _serve_until(srv, lambda: len(handler.parked) == 1)
+        parked.sendall(b"decide fs-again\n")  # ignored: one request per connection
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        other.connect(str(path))
+        other.sendall(b"decide fs-other\n")
+        _serve_until(srv, lambda: b"fs-other" in handler.names)
+        assert other.recv(100) == b"deny test-rule\n"
+        parked.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            parked.recv(100)  # nothing yet
+        handler.parked[0](b"allow late\n")
+        parked.setblocking(True)
+        assert parked.recv(100) == b"allow late\n"
+        assert parked.recv(100) == b""
+        assert handler.names == [b"parked-1", b"fs-other"]
     finally:
         srv.close()

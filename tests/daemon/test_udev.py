@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.daemon.events import Event, UdevDevice, UdevLost
+from kmodd.daemon.events import Event, UdevAction, UdevDevice, UdevLost
 from kmodd.daemon.udev import (
     MODALIAS_MAX,
     UdevSource,
@@ -191,7 +191,7 @@ def props(**extra: str) -> dict[str, str]:
 
 def test_add_with_modalias() -> None:
     got = device_from_properties("add", props(MODALIAS="pci:v00001AF4d00001044"))
-    assert got == UdevDevice("add", "/devices/pci0000:00/0000:00:05.0", "pci",
+    assert got == UdevDevice(UdevAction.ADD, "/devices/pci0000:00/0000:00:05.0", "pci",
                              "pci:v00001AF4d00001044", 42)  # fmt: skip
 
 
@@ -202,7 +202,7 @@ def test_only_add_and_remove_events_count(action: str | None) -> None:
 
 def test_remove_names_only_the_device() -> None:
     got = device_from_properties("remove", props(MODALIAS="pci:x"))
-    assert got == UdevDevice("remove", "/devices/pci0000:00/0000:00:05.0", "", "")
+    assert got == UdevDevice(UdevAction.REMOVE, "/devices/pci0000:00/0000:00:05.0", "", "")
     assert device_from_properties("remove", {"MODALIAS": "pci:x"}) is None  # no devpath
 
 
