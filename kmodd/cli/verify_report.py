@@ -106,7 +106,13 @@ def _header(report: Report) -> list[str]:
         image_line = f"not checked ({image.error})"
     else:
         kinds = "+".join(image.segments) or "empty"
-        image_line = f"{image.path} ({kinds}; {image.reader}), policy {image.policy_hash or '-'}"
+        if image.policy_hash is None:
+            state = "no kmodd record"
+        elif image.policy_hash == policy.hash:
+            state = f"policy {image.policy_hash[:12]}, current"
+        else:
+            state = f"policy {image.policy_hash[:12]}, PREDATES THE POLICY"
+        image_line = f"{image.path} ({kinds}; {image.reader}): {state}"
     return [
         f"policy {policy.hash[:12] or '-'} (mode {policy.mode}, {len(policy.files)} file(s)),"
         f" kernel {report.release}, root {report.root}",

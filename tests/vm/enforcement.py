@@ -21,6 +21,7 @@ and records /proc/modules, the syscall's errno or the command's exit, the journa
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -185,11 +186,15 @@ def e4_char_major_daemon_killed(guest: Guest) -> dict[str, Any]:
     }
 
 
+# The last-good store (kmodd.daemon.lastgood, issue 10 item 6) decides what a lost policy
+# dir does; without it the step would let coda load and spoil e4, so it runs only then.
+LAST_GOOD = importlib.util.find_spec("kmodd.daemon.lastgood") is not None
+
 STEPS = [
     ("setup", setup_enforce),
     ("e1_modprobe_ksmbd", e1_modprobe_ksmbd),
     ("e2_udev_drivers", e2_udev_drivers),
     ("e3_already_loaded", e3_already_loaded),
-    ("e5_last_good", e5_last_good),
+    *([("e5_last_good", e5_last_good)] if LAST_GOOD else []),
     ("e4_char_major_daemon_killed", e4_char_major_daemon_killed),
 ]

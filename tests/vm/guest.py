@@ -38,9 +38,9 @@ NOBODY = "65534"
 # Under TCG on 2 shared cores one Python start is 1-3 s and the daemon's start (imports,
 # libkmod indexes, compiling ~6,000 snapshot entries) 20-60 s: deadlines are generous
 # because a slow guest is not a failure, and every wait ends at its deadline.
-DAEMON_READY_S = 420.0
+DAEMON_READY_S = 600.0
 STEP_S = 480.0
-SETUP_S = 540.0
+SETUP_S = 720.0
 CMD_S = 60.0
 JOURNAL_WAIT_S = 60.0
 
