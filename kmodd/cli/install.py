@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import kmodd
-from kmodd import helper
+from kmodd import bootpublish, helper
 from kmodd.atomic import write_atomic
 from kmodd.cli.common import print_json, wants_json
 from kmodd.cli.verbs import Verb, VerbSpec
@@ -34,6 +34,7 @@ from kmodd.host.modprobe_path import ModprobePath
 from kmodd.paths import ENFORCEMENT_FILE, HELPER_PATH
 
 HELPER_DEST = HELPER_PATH.lstrip("/")  # under --prefix
+BOOT_PUBLISH_DEST = "usr/local/libexec/kmodd/kmodd-boot-publish"  # kmodd/bootpublish.py
 UNIT_DIR = "usr/local/lib/systemd/system"
 SYSCTL_DEST = "usr/local/lib/sysctl.d/50-kmodd.conf"
 TMPFILES_DEST = "usr/local/lib/tmpfiles.d/kmodd.conf"
@@ -49,7 +50,13 @@ INITRAMFS_FILES = (
     ("dracut-module-setup.sh", DRACUT_MODULE_DEST),
 )
 MANIFEST = "usr/local/lib/kmodd/install-manifest.json"
-UNITS = ("kmodd.service", "kmodd-decide.socket", "kmodd-control.socket")
+UNITS = (
+    "kmodd.service",
+    "kmodd-decide.socket",
+    "kmodd-control.socket",
+    "kmodd-boot-publish.service",
+    "kmodd-boot-wait.service",
+)
 DEFAULT_PYTHON = "/usr/bin/python3"
 ELF_MAGIC = b"\x7fELF"
 MIN_PYTHON = (3, 11)  # what the project (and so the helper) is tested with
@@ -59,7 +66,7 @@ class InstallError(KmoddError):
     """Something kmodctl install/uninstall cannot do safely."""
 
 
-class Action(StrEnum):
+class StepAction(StrEnum):
     INSTALLED = "installed"
     UPDATED = "updated"
     UNCHANGED = "unchanged"
@@ -73,7 +80,7 @@ class Action(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    action: Action
+    action: StepAction
     path: str
     detail: str = ""
 
@@ -151,26 +158,38 @@ def check_interpreter(python: Path) -> None:
         )
 
 
-def helper_source(python: Path) -> bytes:
-    lines = Path(helper.__file__).read_bytes().split(b"\n", 1)
+def helper_source(python: Path, script: Path | None = None) -> bytes:
+    """SCRIPT (default: the helper) with its shebang pinned to PYTHON -IS."""
+    lines = Path(script or helper.__file__).read_bytes().split(b"\n", 1)
     body = lines[1] if lines[0].startswith(b"#!") else b"\n".join(lines)
     return f"#!{python} -IS\n".encode() + body
 
 
-def render(template: str, bindir: Path) -> bytes:
-    """Substitute @BINDIR@ (the venv holding kmodd/kmodctl), @HELPER@ and @LIBEXEC@ (its
-    directory)."""
-    text = template.replace("@BINDIR@", str(bindir)).replace("@HELPER@", "/" + HELPER_DEST)
-    text = text.replace("@LIBEXEC@", "/" + str(Path(HELPER_DEST).parent))
-    return text.encode()
+def render(template: str, bindir: Path, python: Path = Path(DEFAULT_PYTHON)) -> bytes:
+    """Substitute @BINDIR@ (the venv holding kmodd/kmodctl), @HELPER@, @LIBEXEC@ (its
+    directory), @BOOT_PUBLISH@ and @PYTHON@ (the interpreter of the helper and the boot
+    step)."""
+    for key, value in (
+        ("@BINDIR@", str(bindir)),
+        ("@HELPER@", "/" + HELPER_DEST),
+        ("@LIBEXEC@", "/" + str(Path(HELPER_DEST).parent)),
+        ("@BOOT_PUBLISH@", "/" + BOOT_PUBLISH_DEST),
+        ("@PYTHON@", str(python)),
+    ):
+        template = template.replace(key, value)
+    return template.encode()
 
 
 def plan(shipped: Shipped, bindir: Path, python: Path) -> list[FileSpec]:
     """Every file to install, with its final content and mode."""
     units = shipped.systemd
-    specs = [FileSpec(HELPER_DEST, helper_source(python), 0o755)]
+    publisher = Path(bootpublish.__file__)
+    specs = [
+        FileSpec(HELPER_DEST, helper_source(python), 0o755),
+        FileSpec(BOOT_PUBLISH_DEST, helper_source(python, publisher), 0o755),
+    ]
     specs += [
-        FileSpec(f"{UNIT_DIR}/{unit}", render((units / unit).read_text(), bindir), 0o644)
+        FileSpec(f"{UNIT_DIR}/{unit}", render((units / unit).read_text(), bindir, python), 0o644)
         for unit in UNITS
     ]
     specs.append(
@@ -214,7 +233,7 @@ def _ensure_dir(prefix: Path, rel: Path, dry_run: bool, steps: list[Step]) -> No
         if not dry_run:
             (prefix / part).mkdir(mode=0o755)
             (prefix / part).chmod(0o755)
-        steps.append(Step(Action.CREATED, str(prefix / part)))
+        steps.append(Step(StepAction.CREATED, str(prefix / part)))
 
 
 def _up_to_date(path: Path, spec: FileSpec) -> bool:
@@ -239,13 +258,13 @@ def _install_file(prefix: Path, spec: FileSpec, dry_run: bool, steps: list[Step]
     path = prefix / spec.dest
     _ensure_dir(prefix, Path(spec.dest).parent, dry_run, steps)
     detail = f"{spec.mode:04o}"
-    if spec.dest == HELPER_DEST:
+    if spec.dest in (HELPER_DEST, BOOT_PUBLISH_DEST):
         shebang = spec.content.split(b"\n", 1)[0].decode()
         detail += f", {shebang}"
     if _up_to_date(path, spec):
-        steps.append(Step(Action.UNCHANGED, str(path), detail))
+        steps.append(Step(StepAction.UNCHANGED, str(path), detail))
         return
-    action = Action.UPDATED if path.exists() or path.is_symlink() else Action.INSTALLED
+    action = StepAction.UPDATED if path.exists() or path.is_symlink() else StepAction.INSTALLED
     if not dry_run:
         _write(path, spec)
     steps.append(Step(action, str(path), detail))
@@ -253,11 +272,11 @@ def _install_file(prefix: Path, spec: FileSpec, dry_run: bool, steps: list[Step]
 
 def _remove(path: Path, dry_run: bool, steps: list[Step]) -> None:
     if not (path.exists() or path.is_symlink()):
-        steps.append(Step(Action.ABSENT, str(path)))
+        steps.append(Step(StepAction.ABSENT, str(path)))
         return
     if not dry_run:
         path.unlink()
-    steps.append(Step(Action.REMOVED, str(path)))
+    steps.append(Step(StepAction.REMOVED, str(path)))
 
 
 def read_manifest(prefix: Path) -> Manifest | None:
@@ -289,12 +308,14 @@ def _run(command: list[str], steps: list[Step], dry_run: bool) -> None:
         try:
             result = subprocess.run(command, check=False, capture_output=True, text=True)
         except OSError as err:
-            steps.append(Step(Action.RAN, " ".join(command), f"failed: {err.strerror}"))
+            steps.append(Step(StepAction.RAN, " ".join(command), f"failed: {err.strerror}"))
             return
         if result.returncode != 0:
-            steps.append(Step(Action.RAN, " ".join(command), f"failed: {result.stderr.strip()}"))
+            steps.append(
+                Step(StepAction.RAN, " ".join(command), f"failed: {result.stderr.strip()}")
+            )
             return
-    steps.append(Step(Action.RAN, " ".join(command)))
+    steps.append(Step(StepAction.RAN, " ".join(command)))
 
 
 # -- the two verbs ------------------------------------------------------------------------
@@ -322,13 +343,13 @@ def install(prefix: Path, *, bindir: Path, python: Path, dry_run: bool = False) 
     if not prefix.exists():  # like DESTDIR: a fresh staging dir is fine
         if not dry_run:
             prefix.mkdir(mode=0o755, parents=True)
-        steps.append(Step(Action.CREATED, str(prefix)))
+        steps.append(Step(StepAction.CREATED, str(prefix)))
     for spec in specs:
         _install_file(prefix, spec, dry_run, steps)
     for stale in sorted(set(old.files) - set(wanted)):
         if _safe_rel(stale):
             _remove(prefix / stale, dry_run, steps)
-    changed = {s.path for s in steps if s.action in (Action.INSTALLED, Action.UPDATED)}
+    changed = {s.path for s in steps if s.action in (StepAction.INSTALLED, StepAction.UPDATED)}
     if prefix == Path("/") and "/" + CATALOG_DEST in changed:
         _run(["journalctl", "--update-catalog"], steps, dry_run)
     if _systemd_running(prefix):
@@ -348,7 +369,7 @@ def uninstall(
         value = modprobe.previous() or helper.DEFAULT_MODPROBE
         if not dry_run:
             value = modprobe.restore() or value
-        steps.append(Step(Action.RESTORED, str(modprobe.proc_path), value))
+        steps.append(Step(StepAction.RESTORED, str(modprobe.proc_path), value))
     manifest = read_manifest(prefix)
     if manifest is None:  # no manifest (older install, or none): the files we would ship
         manifest = Manifest([spec.dest for spec in _default_plan()], [])
@@ -357,14 +378,34 @@ def uninstall(
             _remove(prefix / rel, dry_run, steps)
     # Without the daemon, the rendered deny file would go on blocking modules nobody
     # manages any more; the helper snapshot is meaningless without the helper.
-    for rel in (ENFORCEMENT_FILE, f"{helper.RUNTIME_DIR.lstrip('/')}/{helper.SNAPSHOT_FILE}"):
+    runtime = helper.RUNTIME_DIR.lstrip("/")
+    for rel in (
+        ENFORCEMENT_FILE,
+        f"{runtime}/{helper.SNAPSHOT_FILE}",
+        f"{runtime}/{bootpublish.PUBLISHED_FILE}",
+    ):
         if (prefix / rel).exists():
             _remove(prefix / rel, dry_run, steps)
+    _remove_store(prefix, dry_run, steps)
     for rel in sorted(filter(_safe_rel, manifest.dirs), key=lambda d: -len(Path(d).parts)):
         _remove_dir(prefix / rel, dry_run, steps)
     if _systemd_running(prefix):
         _systemctl(["daemon-reload"], steps, dry_run)
     return steps
+
+
+def _remove_store(prefix: Path, dry_run: bool, steps: list[Step]) -> None:
+    """The last-good store: with the boot step gone, nothing would ever publish it."""
+    store = prefix / bootpublish.STORE_DIR
+    if not store.is_dir() or store.is_symlink():
+        return
+    for entry in sorted(store.iterdir()):
+        if entry.name == bootpublish.MANIFEST or entry.name.startswith(
+            ("enforcement.", "snapshot.")
+        ):
+            _remove(entry, dry_run, steps)
+    _remove_dir(store, dry_run, steps)
+    _remove_dir(store.parent, dry_run, steps)
 
 
 def _default_plan() -> list[FileSpec]:
@@ -378,14 +419,14 @@ def _remove_dir(path: Path, dry_run: bool, steps: list[Step]) -> None:
     if not path.is_dir() or path.is_symlink():
         return
     # What the steps so far removed (a dry run removed nothing yet, but would have).
-    gone = {step.path for step in steps if step.action is Action.REMOVED}
+    gone = {step.path for step in steps if step.action is StepAction.REMOVED}
     left = [p for p in path.iterdir() if str(p) not in gone]
     if left:
-        steps.append(Step(Action.KEPT, str(path), f"not empty: {len(left)} entries"))
+        steps.append(Step(StepAction.KEPT, str(path), f"not empty: {len(left)} entries"))
         return
     if not dry_run:
         path.rmdir()
-    steps.append(Step(Action.REMOVED, str(path)))
+    steps.append(Step(StepAction.REMOVED, str(path)))
 
 
 # -- kmodctl glue -------------------------------------------------------------------------
@@ -458,7 +499,8 @@ VERBS: tuple[VerbSpec, ...] = (
         "kmodd.cli.install:run_install",
         _install_arguments,
         description="Put kmodd's system files in place (idempotent) and print what was done:"
-        f" /{HELPER_DEST} (0755, root), /{UNIT_DIR}/{{{','.join(UNITS)}}},"
+        f" /{HELPER_DEST} and /{BOOT_PUBLISH_DEST} (0755, root),"
+        f" /{UNIT_DIR}/{{{','.join(UNITS)}}},"
         f" /{SYSCTL_DEST}, /{TMPFILES_DEST}, /{POLICY_DEST}/*.yaml, and for early boot"
         f" /{INITRAMFS_TOOLS_HOOK_DEST} (initramfs-tools), /{DRACUT_MODULE_DEST} (dracut)"
         f" and /{INITRAMFS_SCRIPT_DEST}, which put the rendered denies into the next"
@@ -474,7 +516,8 @@ VERBS: tuple[VerbSpec, ...] = (
         _common_arguments,
         description="Disable and stop the units (live system), point kernel.modprobe back at"
         " its previous value, remove every installed file, the rendered"
-        f" /{ENFORCEMENT_FILE} and the directories install created.",
+        f" /{ENFORCEMENT_FILE}, the last-good store /{bootpublish.STORE_DIR} and the"
+        " directories install created.",
         epilog="examples:\n  kmodctl uninstall --dry-run\n  kmodctl uninstall",
     ),
 )

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from typing import Protocol, cast
 
 from kmodd import __version__
-from kmodd.cli.verbs import OFFLINE, Verb, VerbSpec, stub
+from kmodd.cli.verbs import OFFLINE, Verb, VerbSpec
 from kmodd.errors import InvalidInputError, KmoddError
 
-# Modules that contribute verbs (each exports VERBS: tuple[VerbSpec, ...]).  A missing
-# module leaves its verbs as stubs that say so.
+# Modules that contribute verbs (each exports VERBS: tuple[VerbSpec, ...]); together with
+# OFFLINE they must cover every Verb (tests/cli/test_main.py).
 PLUGIN_MODULES = ("kmodd.cli.online", "kmodd.cli.install", "kmodd.cli.learning")
 
 EXIT_OK = 0
@@ -47,22 +47,16 @@ class _Handler(Protocol):
 
 
 def verb_table(*, plugins: bool = True) -> dict[Verb, VerbSpec]:
-    """Every verb, in Verb order: offline ones, plugin ones, stubs for missing plugins.
+    """Every verb, in Verb order: offline ones and plugin ones.
 
     plugins=False: the offline verbs only (what main() builds when one of them runs)."""
     table = {spec.verb: spec for spec in OFFLINE}
     if not plugins:
         return table
     for name in PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            continue
-        for spec in cast(tuple[VerbSpec, ...], module.VERBS):
+        for spec in cast(tuple[VerbSpec, ...], importlib.import_module(name).VERBS):
             table[spec.verb] = spec
-    return {verb: table.get(verb) or stub(verb) for verb in Verb}
+    return {verb: table[verb] for verb in Verb}
 
 
 def _global_options(parser: argparse.ArgumentParser) -> None:

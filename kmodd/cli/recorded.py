@@ -11,10 +11,13 @@ by line and each line is bounded: a journal is large and its text is not ours.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import IO
 
 from kmodd.contract.journal import DECISIONS, IDENTIFIER, Field, requester_facts
 from kmodd.errors import KmoddError
@@ -23,6 +26,7 @@ from kmodd.policy.types import Mode, Outcome, Source, Verdict
 
 LINE_MAX = 65536  # one decision record in JSON is ~1.5 KB
 RECORDS_MAX = 5_000_000  # a week of a busy fleet node; stop (and say so) beyond
+STDERR_KEPT = 8192  # of journalctl's warnings, for the error message
 FIELDS = (  # what is read back (journalctl --output-fields)
     Field.REQUEST,
     Field.VERDICT,
@@ -130,6 +134,11 @@ def read_decisions(query: JournalQuery) -> Iterator[Recorded]:
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
     assert proc.stdout is not None
+    assert proc.stderr is not None
+    # Drained while stdout is read: a journalctl that warns more than a pipe buffer
+    # (64 KiB; e.g. about many corrupt journal files) would otherwise block, and us too.
+    stderr = _Drain(proc.stderr)
+    stderr.start()
     count, complete = 0, False
     try:
         for raw in proc.stdout:
@@ -153,17 +162,34 @@ def read_decisions(query: JournalQuery) -> Iterator[Recorded]:
         if not complete:  # the caller stopped early (or failed): no verdict on journalctl
             proc.kill()
             proc.wait()
-    _finish(proc, argv)
+            stderr.join()
+    _finish(proc, argv, stderr)
 
 
-def _finish(proc: subprocess.Popen[bytes], argv: list[str]) -> None:
+class _Drain(threading.Thread):
+    """Reads a pipe to its end, keeping the first STDERR_KEPT bytes."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        super().__init__(name="kmodctl-journalctl-stderr", daemon=True)
+        self._pipe = pipe
+        self.kept = bytearray()
+
+    def run(self) -> None:
+        with self._pipe:
+            while chunk := os.read(self._pipe.fileno(), 65536):
+                if len(self.kept) < STDERR_KEPT:
+                    self.kept += chunk[: STDERR_KEPT - len(self.kept)]
+
+
+def _finish(proc: subprocess.Popen[bytes], argv: list[str], stderr: _Drain) -> None:
     try:
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
+        proc.wait()
+    stderr.join()
     # 1 with "-- No entries --" is not an error; anything on stderr with a failure is.
-    text = err.decode(errors="replace").strip()[:2000]
+    text = stderr.kept.decode(errors="replace").strip()[:2000]
     if proc.returncode not in (0, None) and text and "No entries" not in text:
         raise JournalReadError(
             f"journalctl failed ({proc.returncode}): {text}",

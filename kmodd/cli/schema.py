@@ -14,7 +14,10 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode
 from pydantic_core import CoreSchema
 
 from kmodd.cli.common import print_json
-from kmodd.policy.model import Match, PolicyFile, Rule
+from kmodd.policy.model import Match, PolicyFile, RequesterMatch, Rule
+
+# Every model of a policy file: each field's docstring becomes its description.
+MODELS: tuple[type[BaseModel], ...] = (PolicyFile, Rule, Match, RequesterMatch)
 
 DRAFT_07 = "http://json-schema.org/draft-07/schema#"
 
@@ -49,7 +52,7 @@ def field_docstrings(model: type[BaseModel]) -> dict[str, str]:
 
 def policy_schema() -> dict[str, Any]:
     schema = PolicyFile.model_json_schema(by_alias=True, schema_generator=Draft07)
-    for model in (PolicyFile, Rule, Match):
+    for model in MODELS:
         node = schema if model is PolicyFile else schema["$defs"][model.__name__]
         docs = field_docstrings(model)
         for name, info in model.model_fields.items():

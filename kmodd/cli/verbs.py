@@ -3,8 +3,8 @@
 Every verb is a VerbSpec.  Handlers are named as "module:function" strings and imported
 only when the verb runs, so `kmodctl --help` and `kmodctl status` never pay for pydantic
 (~75 ms) or libkmod.  Other modules contribute verbs by exporting `VERBS: tuple[VerbSpec,
-...]`: kmodd.cli.online (status, reload) and kmodd.cli.install (install, uninstall) are
-picked up by kmodd.cli.main.PLUGIN_MODULES.  This module imports only the stdlib.
+...]`, listed in kmodd.cli.main.PLUGIN_MODULES.  This module imports only the stdlib (and
+kmodd.policy.types, which does too).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from kmodd.errors import KmoddError
+from kmodd.policy.types import Source  # stdlib only, like this module
 
 
 class Verb(StrEnum):
@@ -71,7 +71,7 @@ def _explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help="a request name or module name")
     parser.add_argument(
         "--source",
-        choices=("kernel", "udev", "cli"),
+        choices=[s.value for s in Source],
         default="kernel",
         help="who asks (default: kernel, as if request_module() had called the helper)",
     )
@@ -167,18 +167,3 @@ OFFLINE: tuple[VerbSpec, ...] = (
         epilog="example:\n  kmodctl schema > /etc/kmodd/kmodd-policy.schema.json",
     ),
 )
-
-
-def not_implemented(args: argparse.Namespace) -> int:
-    """Placeholder handler for verbs whose module has not landed yet."""
-    raise KmoddError(
-        f"kmodctl {args.verb} is not available in this build",
-        hint="use the offline verbs: validate, explain, schema",
-    )
-
-
-def stub(verb: Verb) -> VerbSpec:
-    """STUB for a plugin verb (status, reload, install, uninstall) whose module is absent."""
-    return VerbSpec(
-        verb, f"{verb} (not available in this build)", "kmodd.cli.verbs:not_implemented"
-    )

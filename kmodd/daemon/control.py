@@ -30,6 +30,7 @@ class Controller(Protocol):
     def decider(self) -> Decider: ...
     def view(self) -> CoreView: ...
     def request_reload(self, cause: ReloadCause, reply: Reply | None, detail: str = "") -> None: ...
+    def accept_removed(self, values: object) -> str | None: ...
 
 
 def dispatch(ctl: Controller, call: wire.Call, peer: Peer, respond: Respond) -> None:
@@ -38,7 +39,7 @@ def dispatch(ctl: Controller, call: wire.Call, peer: Peer, respond: Respond) -> 
             case wire.Method.STATUS:
                 respond(wire.encode_reply(status.status(ctl.view())))
             case wire.Method.RELOAD:
-                reload(ctl, respond)
+                reload(ctl, respond, call.parameters)
             case wire.Method.EXPLAIN:
                 respond(decide(ctl.decider, call.parameters, peer, log=False))
             case wire.Method.DECIDE:
@@ -47,7 +48,13 @@ def dispatch(ctl: Controller, call: wire.Call, peer: Peer, respond: Respond) -> 
         respond(wire.encode_error(wire.ErrorName.INTERNAL, f"{type(err).__name__}: {err}"))
 
 
-def reload(ctl: Controller, respond: Respond) -> None:
+def reload(ctl: Controller, respond: Respond, params: dict[str, Any] | None = None) -> None:
+    # `kmodctl reload --accept-removed DIR` (kmodd.daemon.lastgood)
+    problem = ctl.accept_removed((params or {}).get("accept_removed", []))
+    if problem is not None:
+        respond(wire.encode_error(wire.ErrorName.INVALID_PARAMETER, problem))
+        return
+
     def done(error: str | None) -> None:
         view = ctl.view()
         gen = view.generation

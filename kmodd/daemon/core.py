@@ -47,6 +47,7 @@ from kmodd.daemon.housekeeping import Housekeeper
 from kmodd.daemon.journal import JournalSink
 from kmodd.daemon.ports import Edges
 from kmodd.daemon.server import Kind, Peer, Server
+from kmodd.daemon.treeindex import TreeIndex
 from kmodd.daemon.view import CoreView, ReloadResult
 from kmodd.host.proc import Requester
 from kmodd.host.tracefs import Availability
@@ -90,6 +91,7 @@ class Core:
         self.started = time.time()
         self.decider = Decider(sink, edges.sys_module)
         self.housekeeper = Housekeeper(paths, sink, edges)
+        self.tree_index = TreeIndex()  # what one build keeps for the next
         self.last_reload: ReloadResult | None = None
         self.devices: dict[str, UdevDevice] = {}  # coldplugged/added devices with a MODALIAS
         self.notes: list[str] = []  # plain warnings for status (static usermodehelper...)
@@ -126,6 +128,9 @@ class Core:
         server.add_reader(self._wake, self._drain)
         self.sink.emit(records.lifecycle(True, f"kmodd {os.getpid()} starting"))
         self._build_now(ReloadCause.START)
+        lg = self.edges.last_good  # READY only with enforcement in place (lastgood)
+        if lg is not None and not lg.enforcing(self.generation):
+            return lg.no_enforcement(self.last_reload.errors if self.last_reload else ())
         self.edges.notifier.ready(self.status_line())
         next_tick = self.edges.clock()
         while self._stopping is None:
@@ -196,12 +201,19 @@ class Core:
     # --- generations --------------------------------------------------------------
 
     def _next_number(self) -> int:
+        if self.edges.last_good is not None:
+            return self.edges.last_good.next_number(self.generation)
         return 1 if self.generation is None else self.generation.number + 1
 
     def _build(self, cause: ReloadCause, detail: str) -> _Built:
         start = time.monotonic()
+        lg = self.edges.last_good
         try:
-            gen = publish(build_generation(self._next_number(), self.paths, self.options))
+            number = self._next_number()
+            if lg is not None:  # checks the dirs, publishes and persists too
+                gen = lg.build(number, self.generation, self.tree_index)
+            else:
+                gen = publish(build_generation(number, self.paths, self.options, self.tree_index))
         except Exception as err:  # every failure is reported; the old generation stays
             took = time.monotonic() - start
             return _Built(cause, detail, None, tuple(error_lines(err)), took)
@@ -234,6 +246,8 @@ class Core:
                 False, built.cause, built.detail, time.time(), built.duration_s, kept, built.errors
             )
             self.sink.emit(records.reload_failed(built.errors, self.last_reload.cause_text, kept))
+            if kept is None and self.edges.last_good is not None:
+                self.edges.last_good.fall_back(built.errors)
         if self._building:
             self.edges.notifier.ready(self.status_line())
         for reply in self._waiting:
@@ -361,6 +375,11 @@ class Core:
     def control(self, call: wire.Call, peer: Peer, respond: Respond) -> None:
         control.dispatch(self, call, peer, respond)
 
+    def accept_removed(self, values: object) -> str | None:
+        """`kmodctl reload --accept-removed DIR`: None, or why VALUES are refused."""
+        lg = self.edges.last_good
+        return None if lg is None else lg.accept(values)
+
     def refused(self, kind: Kind, peer: Peer, what: str) -> None:
         self.sink.emit(records.refused(kind.value, peer.pid, peer.uid, what))
 
@@ -389,6 +408,7 @@ class Core:
             attribution=None if edges.attributor is None else edges.attributor.status(),
             udev=edges.udev,
             watcher=edges.watcher,
+            last_good=None if edges.last_good is None else edges.last_good.status(),
             decide=decide,
         )
 

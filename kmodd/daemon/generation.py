@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from kmodd import helper
 from kmodd.atomic import write_atomic
+from kmodd.daemon.treeindex import TreeIndex
 from kmodd.errors import InvalidInputError, KmoddError
 from kmodd.host.cmdline import PROC_CMDLINE, read_mode_override
 from kmodd.kmod.context import KmodContext, config_dirs, config_key, index_key
@@ -139,41 +139,21 @@ def _write_mask(paths: Paths) -> None:
     write_atomic(mask / Path(ENFORCEMENT_FILE).name, b"", create_dir=True)
 
 
-# --- resolutions kept from one build to the next -----------------------------------------
-#
-# Resolving the ~4,700 snapshot names through libkmod is about half of a build, and a
-# policy edit does not change what a name resolves to: only modprobe.d or the module
-# tree (depmod) does.  So the last build's resolutions are kept, keyed by a digest of
-# the modprobe.d files (kmod's view, content included: libkmod itself only notices dir
-# mtimes) and the identity of every index file, taken BEFORE the build opens its
-# context: a change that races the build makes the key differ next time, never the
-# reverse.  Plain data, not the libkmod context: that one belongs to the core thread
-# while the builder runs.
-RESOLUTIONS_MAX = 32_768  # the snapshot's names plus the policy's exact request names
-
-
-@dataclass(frozen=True, slots=True)
-class _Resolutions:
-    key: tuple[object, ...]
-    by_name: dict[str, Resolution]
-
-
-_kept: _Resolutions | None = None
-_kept_lock = threading.Lock()
-
-
 def _resolution_key(paths: Paths) -> tuple[object, ...] | None:
+    """What the kept resolutions are valid for (see kmodd.daemon.treeindex)."""
     config = config_key(_config_paths(paths))
     tree = index_key(paths.root / "lib/modules" / paths.release)
     return None if config is None or tree is None else (config, tree)
 
 
 class _Resolver:
-    """The context for the compiler, answering resolve() from the kept resolutions."""
+    """The context for the compiler: resolve() from the kept resolutions, the alias index
+    as the TreeIndex keeps it (the request-shaped part: all the compiler reads of it)."""
 
-    def __init__(self, ctx: KmodContext, known: dict[str, Resolution]) -> None:
+    def __init__(self, ctx: KmodContext, known: dict[str, Resolution], index: TreeIndex) -> None:
         self.ctx = ctx
         self.known = known  # a copy: grows with what this build resolves
+        self.index = index
 
     def resolve(self, name: str) -> Resolution:
         found = self.known.get(name)
@@ -188,34 +168,25 @@ class _Resolver:
         return self.ctx.builtin_names()
 
     def alias_patterns(self) -> tuple[tuple[str, str], ...]:
-        return self.ctx.alias_patterns()
+        return self.index.request_aliases(self.ctx)
 
     def config_aliases(self) -> tuple[tuple[str, str], ...]:
         return self.ctx.config_aliases()
 
 
-def _kept_for(key: tuple[object, ...] | None) -> dict[str, Resolution]:
-    with _kept_lock:
-        kept = _kept
-    return dict(kept.by_name) if key is not None and kept is not None and kept.key == key else {}
-
-
-def _keep(key: tuple[object, ...] | None, by_name: dict[str, Resolution]) -> None:
-    global _kept  # noqa: PLW0603 -- one slot per process, see above
-    if key is not None and len(by_name) <= RESOLUTIONS_MAX:
-        with _kept_lock:
-            _kept = _Resolutions(key, by_name)
-
-
-def build_generation(number: int, paths: Paths, options: BuildOptions) -> Generation:
-    """Build generation NUMBER (raises InvalidInputError/KmoddError; nothing published)."""
+def build_generation(
+    number: int, paths: Paths, options: BuildOptions, index: TreeIndex | None = None
+) -> Generation:
+    """Build generation NUMBER (raises InvalidInputError/KmoddError; nothing published).
+    INDEX: what the previous build kept (the Core passes its own; None: start afresh)."""
+    index = TreeIndex() if index is None else index
     policy = load_policy(paths)
     override = read_mode_override(options.cmdline)
     compiled = engine.compile_policy(policy, mode=override)
     _write_mask(paths)
     key = _resolution_key(paths)
     ctx = _decision_context(paths)
-    tree = _Resolver(ctx, _kept_for(key))
+    tree = _Resolver(ctx, index.resolutions(key), index)
     try:
         enforcement = compiler.render_enforcement(compiled, tree, deny_stub=options.deny_stub)
         digest = hashlib.sha256()
@@ -229,7 +200,7 @@ def build_generation(number: int, paths: Paths, options: BuildOptions) -> Genera
     except BaseException:
         ctx.close()
         raise
-    _keep(key, tree.known)
+    index.keep(key, tree.known)
     return Generation(
         number=number,
         hash=content_hash,

@@ -110,8 +110,7 @@ class Notifier:
 
     @property
     def watchdog_ping_interval_s(self) -> float | None:
-        """How often the core's housekeeping tick should call watchdog(); None when no
-        WatchdogSec=."""
+        """How often housekeeping should call watchdog(); None when no WatchdogSec=."""
         return None if self.watchdog_config is None else self.watchdog_config.ping_interval_s
 
     def watchdog(self) -> bool:

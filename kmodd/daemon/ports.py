@@ -7,10 +7,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kmodd.daemon.attribution import Attributor
 from kmodd.host.sysmodule import SYS_MODULE
+
+if TYPE_CHECKING:  # lastgood builds generations: ports stay below it
+    from kmodd.daemon.lastgood import LastGood
 
 
 class NotifierLike(Protocol):
@@ -73,6 +76,7 @@ class Edges:
     recoldplug: Callable[[], None] | None = None
     reassert: bool = False  # re-point kernel.modprobe at the helper after tampering
     attributor: Attributor | None = None  # who asked (tracefs); None: not attempted
+    last_good: LastGood | None = None  # the persisted store (kmodd.daemon.lastgood)
     udev: UdevLike | None = None  # the running uevent monitor
     watcher: WatcherLike | None = None  # the running file watcher
     static_usermodehelper: str | None = None  # the kernel bypasses kernel.modprobe: why

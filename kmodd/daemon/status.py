@@ -204,6 +204,7 @@ def status(core: CoreView) -> StatusDocument:
         initramfs=initramfs(core),
         watcher=_watcher(core),
         udev=_udev(core),
+        last_good=core.last_good,
     )
 
 

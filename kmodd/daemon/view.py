@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kmodd.contract.status import AttributionInfo, DecisionCounters
+from kmodd.contract.status import AttributionInfo, DecisionCounters, LastGoodInfo
 from kmodd.daemon.events import ReloadCause, UdevDevice
 from kmodd.daemon.generation import Generation
 from kmodd.daemon.ports import TamperLike, UdevLike, WatcherLike
@@ -53,4 +53,5 @@ class CoreView:
     attribution: AttributionInfo | None
     udev: UdevLike | None
     watcher: WatcherLike | None
+    last_good: LastGoodInfo | None  # the persisted store; None: a core without one
     decide: Callable[[str, Source], Decision | None]  # the Decider's, uncounted

@@ -18,9 +18,9 @@ That is libkmod's own work, the same modprobe does: the dry-run probe alone is ~
 C for net-pf-5 (it stats every dependency and scans the configuration per module) and a
 wildcard modalias lookup ~75 us.  So results are cached per name (bounded, FIFO eviction,
 4,096 names by default): a hit costs 0.25 us, which is what lets the decision engine
-reach >= 10,000 decisions/s including resolution.  The daemon sees the same few hundred
-names again and again; `warm()` pre-resolves a known set (all 1,164 request aliases of
-the Debian tree: ~0.2 s) when a new context is opened.
+reach >= 10,000 decisions/s including resolution.  The daemon's decision context has
+no such cache (its Decider caches decisions); `warm()` pre-resolves a known set (all 1,164
+request aliases of the Debian tree: ~0.2 s) for benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -43,11 +42,6 @@ from kmodd.paths import MODPROBE_D_DIRS, Paths
 MAX_NAME_BYTES = 4096
 DEFAULT_CACHE_SIZE = 4096
 _INFO_FIELDS = ("description", "license", "signer", "alias", "depends", "softdep")
-# The alias index of the last tree asked about, keyed by index_key(): dumping and
-# splitting modules.alias.bin (~30,000 lines) costs ~0.1-0.3 s, and every generation
-# build needs it, but it only changes when depmod runs (which renames a new file in).
-_alias_memo: tuple[tuple[object, ...], tuple[tuple[str, str], ...]] | None = None
-_alias_lock = threading.Lock()
 
 
 class ModuleTreeError(libkmod.LibkmodError):
@@ -247,20 +241,10 @@ class KmodContext:
     def alias_patterns(self) -> tuple[tuple[str, str], ...]:
         """(pattern, module) of modules.alias.bin (normalized keys, index order).
 
-        Memoized per tree across contexts (the same tuple object while the index file is
-        the same: see index_key); two contexts on one tree share it."""
-        global _alias_memo  # noqa: PLW0603 -- one slot per process, see _alias_memo
-        key = self.index_key("modules.alias.bin")
-        with _alias_lock:
-            memo = _alias_memo
-        if key is not None and memo is not None and memo[0] == key:
-            return memo[1]
+        Dumping and splitting the index (~30,000 lines) costs ~0.1-0.3 s: the daemon keeps
+        what it needs of it from one build to the next (kmodd.daemon.treeindex)."""
         dump = libkmod.dump_index(self.ctx, libkmod.Index.MODULES_ALIAS)
-        patterns = tuple(_pairs(dump, prefix="alias "))
-        if key is not None and self.index_key("modules.alias.bin") == key:
-            with _alias_lock:
-                _alias_memo = (key, patterns)
-        return patterns
+        return tuple(_pairs(dump, prefix="alias "))
 
     def index_key(self, *names: str) -> tuple[object, ...] | None:
         return index_key(self.module_dir, *names)
@@ -344,7 +328,7 @@ def config_key(config_paths: Sequence[str | Path]) -> str | None:
     return digest.hexdigest()
 
 
-def _step(action: libkmod.Action) -> LoadStep | None:
+def _step(action: libkmod.PrintAction) -> LoadStep | None:
     """modprobe's print_action: install, insmod, builtin, or nothing (an alias-only
     object with neither a file nor an install command that kmod would use)."""
     if action.install:

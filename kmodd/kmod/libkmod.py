@@ -317,7 +317,7 @@ def info(mod: int) -> tuple[tuple[str, str], ...]:
 
 
 @dataclass(frozen=True, slots=True)
-class Action:
+class PrintAction:
     """One print_action callback: what kmod would do for one module of a probe."""
 
     module: str
@@ -328,20 +328,20 @@ class Action:
     builtin: bool
 
 
-def probe_dry_run(mod: int, flags: Probe = SHOW_DEPENDS) -> tuple[int, tuple[Action, ...]]:
+def probe_dry_run(mod: int, flags: Probe = SHOW_DEPENDS) -> tuple[int, tuple[PrintAction, ...]]:
     """kmod_module_probe_insert_module in dry-run: (return code, actions in load order).
 
     A positive return code is the Probe flag that stopped the probe (e.g. the alias-only
     blacklist); negative is -errno.
     """
-    actions: list[Action] = []
+    actions: list[PrintAction] = []
 
     def record(m: int | None, install: bool, opts: bytes | None) -> None:
         if not m:
             return
         mod_path = path(m)
         actions.append(
-            Action(
+            PrintAction(
                 module=name(m),
                 install=bool(install),
                 options=decode(opts) or "",

@@ -33,6 +33,7 @@ from kmodd.policy.engine import (
     CompiledRule,
     Decision,
     Request,
+    Via,
     decide,
     is_glob,
 )
@@ -107,30 +108,20 @@ def _source_only(rule: CompiledRule) -> bool:
 
 def exact_request_aliases(tree: ModuleTree) -> tuple[str, ...]:
     """Wildcard-free, kernel-request-shaped aliases of the tree and of modprobe.d."""
-    names = set(_request_shaped(tree.alias_patterns()))
-    names.update(_request_shaped(tree.config_aliases()))
+    names = set(request_shaped(tree.alias_patterns()))
+    names.update(request_shaped(tree.config_aliases()))
     return tuple(sorted(names))
 
 
-# The tree's part of exact_request_aliases, for the last alias tuple seen: a context
-# returns the same tuple object while modules.alias.bin is unchanged (KmodContext
-# .alias_patterns), and filtering its ~30,000 patterns costs ~50 ms per call.
-_tree_requests: tuple[tuple[tuple[str, str], ...], frozenset[str]] | None = None
-
-
-def _request_shaped(pairs: tuple[tuple[str, str], ...]) -> frozenset[str]:
-    global _tree_requests  # noqa: PLW0603 -- one slot per process, see above
-    memo = _tree_requests
-    if memo is not None and memo[0] is pairs:
-        return memo[1]
-    found = frozenset(
+def request_shaped(pairs: tuple[tuple[str, str], ...]) -> frozenset[str]:
+    """The glob-free aliases of PAIRS that look like what request_module() sends (pure;
+    ~50 ms over a tree's ~30,000 patterns: the daemon keeps the result per tree in its
+    kmodd.daemon.treeindex.TreeIndex)."""
+    return frozenset(
         p
         for p, _module in pairs
         if not is_glob(p) and helper.normalize(p).startswith(KERNEL_REQUEST_PREFIXES)
     )
-    if len(pairs) > 1000:  # a tree's index, not a modprobe.d list
-        _tree_requests = (pairs, found)
-    return found
 
 
 def denied_requests(
@@ -159,7 +150,7 @@ def denied_requests(
 
 
 def _by_request(decision: Decision) -> bool:
-    return any(step.via == "request" and step.verdict is Verdict.DENY for step in decision.trace)
+    return any(step.via is Via.REQUEST and step.verdict is Verdict.DENY for step in decision.trace)
 
 
 def _header(policy: CompiledPolicy, what: str) -> list[str]:

@@ -29,6 +29,7 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from kmodd.helper import normalize
@@ -165,7 +166,7 @@ def compile_policy(ps: PolicySet, *, mode: Mode | None = None) -> CompiledPolicy
         rule, match = located.rule, located.rule.match
         info = RuleInfo(
             id=rule.id,
-            verdict=Verdict(rule.action.value),
+            verdict=rule.action,
             reason=rule.reason,
             references=rule.references,
             location=located.location(),
@@ -183,7 +184,7 @@ def compile_policy(ps: PolicySet, *, mode: Mode | None = None) -> CompiledPolicy
     return CompiledPolicy(
         rules=tuple(rules),
         mode=mode or ps.mode,
-        default=Verdict(ps.default.value),
+        default=ps.default,
         hash=ps.hash,
         files=tuple(f.path for f in ps.files),
     )
@@ -199,6 +200,14 @@ class Request:
     requester: RequesterFacts | None = None
 
 
+class Via(StrEnum):
+    """How a trace step was decided."""
+
+    MODULE = "module"  # a rule with a module key matched the module
+    REQUEST = "request"  # a rule without a module key (request, class, source, requester)
+    DEFAULT = "default"  # no rule matched
+
+
 @dataclass(frozen=True, slots=True)
 class TraceStep:
     """One subject considered: which rule decided it (module None: the request itself)."""
@@ -206,7 +215,7 @@ class TraceStep:
     module: str | None
     rule: str
     verdict: Verdict
-    via: str  # "module", "request" (a rule without a module key) or "default"
+    via: Via
     info: RuleInfo | None = None
 
 
@@ -272,7 +281,7 @@ def decide(request: Request, resolution: Resolution, policy: CompiledPolicy) -> 
     for module in subjects:
         rule = _first_rule(policy, candidates, module)
         info = rule.info if rule is not None else policy.default_info
-        via = "default" if rule is None else ("request" if rule.modules is None else "module")
+        via = Via.DEFAULT if rule is None else (Via.REQUEST if rule.modules is None else Via.MODULE)
         trace.append(TraceStep(module, info.id, info.verdict, via, info))
     step = _deciding_step(trace, resolution.modules)
     return Decision(
@@ -307,7 +316,7 @@ _VERB = {Verdict.ALLOW: "allowed", Verdict.DENY: "denied"}
 
 
 def _reason(step: TraceStep) -> str:
-    if step.via == "default":
+    if step.via is Via.DEFAULT:
         what = f"{step.module}: no rule matches" if step.module else "no rule matches"
         return f"{what}; the default is {step.verdict}"
     who = f"rule {step.rule}"

@@ -206,7 +206,8 @@ class PolicyFile(_Strict):
     """Schema version of this file; must be 1."""
 
     mode: Mode | None = Field(default=None, strict=False)
-    """enforce or permissive; the last file (in basename order) that sets it wins;
+    """enforce, permissive or learn (as permissive: nothing blocks; for recording what
+    loads, see `kmodctl generate`); the last file (in basename order) that sets it wins;
     enforce if none does.  The kernel command line kmodd.mode=permissive overrides it."""
 
     default: Action | None = Field(default=None, strict=False)

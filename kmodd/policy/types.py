@@ -12,11 +12,10 @@ class Action(StrEnum):
     DENY = "deny"
 
 
-class Verdict(StrEnum):
-    """What the policy says about a request (before permissive mode is applied)."""
-
-    ALLOW = "allow"
-    DENY = "deny"
+# What the policy says about a request (before permissive mode is applied): the action of
+# the deciding rule, the same two words.  One enum under two names (they were twins,
+# converted with Verdict(rule.action.value)); `Action` is the name the JSON schema shows.
+Verdict = Action
 
 
 class Mode(StrEnum):

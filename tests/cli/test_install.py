@@ -14,17 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import helper
+from kmodd import bootpublish, helper
 from kmodd.cli.install import (
+    BOOT_PUBLISH_DEST,
     HELPER_DEST,
     MANIFEST,
     POLICY_DEST,
     SYSCTL_DEST,
     UNIT_DIR,
     UNITS,
-    Action,
     InstallError,
     Step,
+    StepAction,
     check_interpreter,
     find_shipped,
     install,
@@ -63,7 +64,7 @@ def tree(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
     return out
 
 
-def actions(steps: list[Step]) -> set[Action]:
+def actions(steps: list[Step]) -> set[StepAction]:
     return {step.action for step in steps}
 
 
@@ -73,12 +74,12 @@ def do_install(prefix: Path, **kw: bool) -> list[Step]:
 
 def test_install_twice_is_idempotent(prefix: Path, tight_umask: None) -> None:
     first = do_install(prefix)
-    assert {Action.INSTALLED, Action.CREATED} == actions(first)
+    assert {StepAction.INSTALLED, StepAction.CREATED} == actions(first)
     before = tree(prefix)
     second = do_install(prefix)
-    assert actions(second) == {Action.UNCHANGED}
+    assert actions(second) == {StepAction.UNCHANGED}
     assert tree(prefix) == before
-    assert len(second) == len([s for s in first if s.action is Action.INSTALLED])
+    assert len(second) == len([s for s in first if s.action is StepAction.INSTALLED])
 
 
 def test_modes_owners_and_shebang(prefix: Path, tight_umask: None) -> None:
@@ -138,7 +139,7 @@ def test_reinstall_repairs_edits_and_modes(prefix: Path) -> None:
     service.write_text("[Service]\nExecStart=/bin/evil\n")
     (prefix / HELPER_DEST).chmod(0o777)
     steps = do_install(prefix)
-    updated = {s.path for s in steps if s.action is Action.UPDATED}
+    updated = {s.path for s in steps if s.action is StepAction.UPDATED}
     assert updated == {str(service), str(prefix / HELPER_DEST)}
     assert service.read_bytes() == pristine
     assert stat.S_IMODE((prefix / HELPER_DEST).stat().st_mode) == 0o755
@@ -162,16 +163,16 @@ def test_stale_files_of_an_older_install_are_removed(prefix: Path) -> None:
     manifest["files"].append(old)
     (prefix / MANIFEST).write_text(json.dumps(manifest))
     steps = do_install(prefix)
-    assert Step(Action.REMOVED, str(prefix / old)) in steps
+    assert Step(StepAction.REMOVED, str(prefix / old)) in steps
     assert not (prefix / old).exists()
 
 
 def test_uninstall_leaves_nothing(prefix: Path) -> None:
     do_install(prefix)
     steps = uninstall(prefix)
-    assert Action.REMOVED in actions(steps)
+    assert StepAction.REMOVED in actions(steps)
     assert list(prefix.iterdir()) == []
-    assert actions(uninstall(prefix)) == {Action.ABSENT}  # idempotent too
+    assert actions(uninstall(prefix)) == {StepAction.ABSENT}  # idempotent too
 
 
 def test_uninstall_keeps_what_was_there_before(prefix: Path) -> None:
@@ -182,7 +183,7 @@ def test_uninstall_keeps_what_was_there_before(prefix: Path) -> None:
     steps = uninstall(prefix)
     assert (prefix / "usr/lib/os-release").read_text() == "ID=debian\n"
     assert (prefix / POLICY_DEST / "50-site.yaml").exists()
-    assert Step(Action.KEPT, str(prefix / POLICY_DEST), "not empty: 1 entries") in steps
+    assert Step(StepAction.KEPT, str(prefix / POLICY_DEST), "not empty: 1 entries") in steps
     assert not (prefix / "usr/local").exists()
 
 
@@ -197,7 +198,7 @@ def test_uninstall_restores_kernel_modprobe_before_removing_the_helper(
     (state / PREVIOUS_FILE).write_text("/usr/sbin/admin-modprobe\n")
     mp = ModprobePath(Path(DEFAULT_HELPER_PATH), state, proc_path=proc)
     steps = uninstall(prefix, modprobe=mp)
-    assert steps[0] == Step(Action.RESTORED, str(proc), "/usr/sbin/admin-modprobe")
+    assert steps[0] == Step(StepAction.RESTORED, str(proc), "/usr/sbin/admin-modprobe")
     assert proc.read_text() == "/usr/sbin/admin-modprobe\n"
 
 
@@ -213,13 +214,13 @@ def test_uninstall_removes_the_rendered_deny_file(prefix: Path) -> None:
 
 def test_dry_run_changes_nothing(prefix: Path) -> None:
     steps = do_install(prefix, dry_run=True)
-    assert Action.INSTALLED in actions(steps)
+    assert StepAction.INSTALLED in actions(steps)
     assert list(prefix.iterdir()) == []
     do_install(prefix)
     before = tree(prefix)
     steps = uninstall(prefix, dry_run=True)
     assert tree(prefix) == before
-    assert Action.KEPT not in actions(steps)  # it knows the dirs would end up empty
+    assert StepAction.KEPT not in actions(steps)  # it knows the dirs would end up empty
 
 
 def test_interpreter_must_be_a_real_binary(tmp_path: Path, prefix: Path) -> None:
@@ -300,3 +301,37 @@ def test_install_creates_a_missing_prefix(tmp_path: Path) -> None:
     steps = install(prefix, bindir=BINDIR, python=PYTHON)
     assert (prefix / "usr/local/libexec/kmodd/kmodd-modprobe").is_file()
     assert steps[0].path == str(prefix)
+
+
+def test_boot_publisher_is_installed_and_runs_through_its_shebang(
+    prefix: Path, tmp_path: Path
+) -> None:
+    do_install(prefix)
+    script = prefix / BOOT_PUBLISH_DEST
+    assert stat.S_IMODE(script.stat().st_mode) == 0o755
+    first, rest = script.read_bytes().split(b"\n", 1)
+    assert first == b"#!/usr/bin/python3 -IS"
+    assert rest == Path(bootpublish.__file__).read_bytes().split(b"\n", 1)[1]
+    unit = (prefix / UNIT_DIR / "kmodd-boot-publish.service").read_text()
+    assert f"ExecStart=/usr/bin/python3 -IS /{BOOT_PUBLISH_DEST}\n" in unit
+    empty = tmp_path / "empty-root"
+    empty.mkdir()
+    result = subprocess.run(
+        [script, "--root", str(empty), "--runtime-dir", str(tmp_path / "rt")],
+        capture_output=True, text=True, env={}, check=False, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0 and "no last good generation" in result.stdout
+
+
+def test_uninstall_removes_the_last_good_store(prefix: Path) -> None:
+    do_install(prefix)
+    store = prefix / bootpublish.STORE_DIR
+    store.mkdir(parents=True)
+    for name in (bootpublish.MANIFEST, "snapshot.0123456789abcdef", "enforcement.01.conf"):
+        (store / name).write_text("x\n")
+    (prefix / "run/kmodd").mkdir(parents=True)
+    (prefix / "run/kmodd" / bootpublish.PUBLISHED_FILE).write_text("daemon generation 1\n")
+    uninstall(prefix)
+    assert not store.exists() and not store.parent.exists()
+    assert not (prefix / "run/kmodd" / bootpublish.PUBLISHED_FILE).exists()
+    assert (prefix / "var/lib").is_dir()  # not ours

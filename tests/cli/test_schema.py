@@ -24,8 +24,16 @@ def test_schema_is_draft_07_with_descriptions(capsys: pytest.CaptureFixture[str]
 
 
 def test_every_field_is_described(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every property of every object in the schema, the requester keys included."""
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    for node in (schema, schema["$defs"]["Rule"], schema["$defs"]["Match"]):
+    objects = {"PolicyFile": schema} | {
+        name: node for name, node in schema["$defs"].items() if "properties" in node
+    }
+    assert set(objects) == {"PolicyFile", "Rule", "Match", "RequesterMatch"}
+    for name, node in objects.items():
         for key, prop in node["properties"].items():
-            assert prop.get("description"), key
+            assert prop.get("description"), f"{name}.{key}"
+    requester = objects["RequesterMatch"]["properties"]
+    assert set(requester) == {"uid", "gid", "unprivileged", "unit", "container"}
+    assert "initial user namespace" in requester["uid"]["description"]

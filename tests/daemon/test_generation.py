@@ -11,6 +11,7 @@ import pytest
 
 from kmodd import helper
 from kmodd.daemon.generation import BuildOptions, Generation, build_generation
+from kmodd.daemon.treeindex import TreeIndex
 from kmodd.kmod.context import KmodContext
 from kmodd.kmod.model import Resolution
 from kmodd.paths import Paths, make_paths
@@ -28,10 +29,16 @@ def sr(kernel_tree: KernelTree) -> Iterator[SystemRoot]:
     shutil.rmtree(root.root.parent, ignore_errors=True)
 
 
-def build(sr: SystemRoot, number: int) -> Generation:
+@pytest.fixture
+def idx() -> TreeIndex:
+    """What the Core keeps from one build to the next (one per test: no reuse between)."""
+    return TreeIndex()
+
+
+def build(sr: SystemRoot, number: int, index: TreeIndex | None = None) -> Generation:
     paths: Paths = make_paths(str(sr.root), sr.release, str(sr.runtime))
     paths.runtime_dir.mkdir(exist_ok=True)
-    return build_generation(number, paths, BuildOptions(cmdline=sr.cmdline))
+    return build_generation(number, paths, BuildOptions(cmdline=sr.cmdline), index)
 
 
 def snapshot_row(gen: Generation, key: str) -> str | None:
@@ -56,14 +63,14 @@ class CountingResolve:
 
 
 def test_policy_only_rebuild_reuses_resolutions(
-    sr: SystemRoot, monkeypatch: pytest.MonkeyPatch
+    sr: SystemRoot, idx: TreeIndex, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counter = CountingResolve(monkeypatch)
-    first = build(sr, 1)
+    first = build(sr, 1, idx)
     cold = counter.calls
     first.close()
     sr.write_policy(DENY_VFAT)
-    second = build(sr, 2)
+    second = build(sr, 2, idx)
     try:
         assert cold > 4000  # every snapshot name resolved once
         assert counter.calls - cold < 10  # a policy edit: no name resolved again
@@ -74,20 +81,20 @@ def test_policy_only_rebuild_reuses_resolutions(
 
 
 @pytest.mark.parametrize("how", ["in_place", "new_file"])
-def test_modprobe_d_edit_after_a_reuse_is_seen(sr: SystemRoot, how: str) -> None:
+def test_modprobe_d_edit_after_a_reuse_is_seen(sr: SystemRoot, idx: TreeIndex, how: str) -> None:
     """A softdep changes what an already resolved name loads.  In place: the directory
     mtime stays, which libkmod's own validate does not notice."""
     conf = sr.root / "etc/modprobe.d/local.conf"
     if how == "in_place":
         conf.write_text("# nothing yet\n")
-    build(sr, 1).close()
+    build(sr, 1, idx).close()
     sr.write_policy(BASE_POLICY + "# edited\n")
-    reused = build(sr, 2)  # policy only: resolutions reused
+    reused = build(sr, 2, idx)  # policy only: resolutions reused
     assert snapshot_row(reused, "vfat") == "vfat a default"
     reused.close()
     with conf.open("w") as handle:  # the same inode when it exists
         handle.write("softdep vfat pre: algif_aead\n")
-    seen = build(sr, 3)
+    seen = build(sr, 3, idx)
     try:
         assert snapshot_row(seen, "vfat") == "vfat d copy-fail"
         decision = seen.decide("vfat", Source.KERNEL)
@@ -98,10 +105,10 @@ def test_modprobe_d_edit_after_a_reuse_is_seen(sr: SystemRoot, how: str) -> None
 
 
 def test_module_tree_change_is_seen(
-    sr: SystemRoot, kernel_tree: KernelTree, monkeypatch: pytest.MonkeyPatch
+    sr: SystemRoot, idx: TreeIndex, kernel_tree: KernelTree, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """depmod renames new index files in: a tree whose modules.* differ is resolved anew."""
-    build(sr, 1).close()
+    build(sr, 1, idx).close()
     tree = sr.root / "lib/modules" / sr.release
     tree.unlink()  # the symlink to the shared tree: copy the indexes, link the rest
     tree.mkdir()
@@ -111,7 +118,7 @@ def test_module_tree_change_is_seen(
         else:
             (tree / entry.name).symlink_to(entry)
     counter = CountingResolve(monkeypatch)
-    gen = build(sr, 2)
+    gen = build(sr, 2, idx)
     try:
         assert counter.calls > 4000
         assert snapshot_row(gen, helper.normalize("algif-aead")) == "algif_aead d copy-fail"

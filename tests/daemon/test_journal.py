@@ -43,7 +43,7 @@ def test_sink_never_blocks_and_counts_drops() -> None:
     assert sink.dropped == 15
     gate.set()
     assert sink.flush()
-    assert len(sent) + sink.dropped == 20
+    assert [r.message for r in sent] == [f"m{n}" for n in range(5)]  # 0, then the four queued
     sink.stop()
 
 
@@ -235,6 +235,11 @@ def test_real_uevent_is_decided_and_logged_with_source_udev(
         doc = daemon.wait_status(
             lambda d: device.devpath not in {x["devpath"] for x in d["devices_denied"]}
         )
+        # The monitor's own counters are in status: the add and the remove it posted.
+        udev = doc["udev"]
+        assert udev is not None
+        assert udev["running"] is True and udev["events"] >= 2, udev
+        assert doc["layers"]["udev"]["active"] is True
         device.trigger("add")  # what every other listener last heard: the device is there
     finally:
         if daemon.proc is not None:

@@ -141,7 +141,7 @@ def rel(kernel_tree: KernelTree) -> Iterator[Rel]:
     use_recording_modprobe(sr, records)
     daemon = start_daemon(sr, "--status-group", "nogroup", "--no-watch")
     yield Rel(sr, daemon, records)
-    daemon.stop()
+    assert daemon.stop() == 0  # a clean exit after everything the suite threw at it
     shutil.rmtree(sr.root.parent, ignore_errors=True)
 
 
