@@ -177,12 +177,17 @@ def e4_char_major_daemon_killed(guest: Guest) -> dict[str, Any]:
     opened = trigger.open_chardev(67, 0, "/run/kmodd-vm/char-67-0")
     took = round(time.monotonic() - started, 2)
     helper = wait_records(since, lambda r: r.get("SYSLOG_IDENTIFIER") == HELPER_IDENT)
+    devices = Path("/proc/devices").read_text().splitlines()
+    snapshot = Path("/run/kmodd/snapshot").read_text(errors="replace").splitlines()
     return {
         "killed_rc": killed,
         "open": opened,
         "open_s": took,
         "modules": loaded_modules(),
         "journal": helper + journal(since, "kmodd"),
+        "kernel_modprobe": Path("/proc/sys/kernel/modprobe").read_text().strip(),
+        "major_67": [ln for ln in devices if ln.strip().startswith("67 ")],
+        "snapshot_rows": [ln for ln in snapshot if "67" in ln or "coda" in ln][:20],
     }
 
 

@@ -5,6 +5,7 @@ not of kmodd's verdict (plan `enforce`, tests/vm/enforcement.py, one boot)."""
 from __future__ import annotations
 
 import errno
+import json
 from typing import Any
 
 import pytest
@@ -21,8 +22,12 @@ MSG_DENY = "3fd47b15f71a497a96fce61bb48c2e03"
 
 
 @pytest.fixture(scope="module")
-def enforce_run(kernel_tree: KernelTree) -> VMResult:
-    return boot_plan("enforce", timeout_s=1500)
+def enforce_run(kernel_tree: KernelTree, tmp_path_factory: pytest.TempPathFactory) -> VMResult:
+    run = boot_plan("enforce", timeout_s=1500)
+    kept = tmp_path_factory.mktemp("enforce") / "results.json"
+    kept.write_text(json.dumps(run.results, indent=1, default=str))
+    print(f"guest results kept in {kept}")
+    return run
 
 
 def test_setup(enforce_run: VMResult) -> None:
@@ -52,7 +57,9 @@ def test_udev_does_not_load_a_driver_denied_for_udev(enforce_run: VMResult) -> N
     assert "pcspkr" in data["modules"], "control: udev's kmod builtin loads allowed drivers"
     assert "psmouse" not in data["modules"]
     assert data["serio_driver"] is False
-    assert any("denied psmouse through modprobe.d" in m for m in helper_messages(data["journal"]))
+    # udev's kmod builtin loads by alias with the blacklist applied: the rendered
+    # `blacklist psmouse` makes it skip the module quietly (the install line, and so the
+    # stub's log line, is for loads by name: e1).
     (record,) = decisions(data["journal"], data["modalias"])
     assert record["KMODD_SOURCE"] == "udev" and record["KMODD_VERDICT"] == "deny"
     assert record["MESSAGE_ID"] == MSG_DENY
