@@ -7,10 +7,12 @@ VPY         := $(VENV)/bin/python
 # apt packages: kmod is the oracle (modprobe/depmod) and libkmod; libsystemd-dev,
 # pkg-config, gcc and python3-dev build systemd-python; qemu runs the real kernel;
 # udev/systemd give the real udevd and journald the runtime tests talk to; virtme-ng
-# reads the kernel release of a vmlinuz with file(1).
+# reads the kernel release of a vmlinuz with file(1); initramfs-tools (mkinitramfs,
+# lsinitramfs, unmkinitramfs), zstd and cpio build and read real initramfs images for the
+# early-boot hook's tests (~2.5 s per image).
 APT_PACKAGES := kmod libkmod2 libsystemd-dev pkg-config gcc python3-dev python3-venv \
                 qemu-system-x86 udev systemd util-linux procps psmisc busybox-static \
-                ca-certificates file
+                ca-certificates file initramfs-tools zstd cpio
 
 .PHONY: help apt venv kernel-tree trixie-chroot test test-fast lint demo bench clean
 

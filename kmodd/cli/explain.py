@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kmodd import helper
 from kmodd.cli.common import paths_from_args, print_json, wants_json
+from kmodd.cli.enforcement import DecisionEnforcement, decision_json, explain_lines, of_decision
 from kmodd.cli.validate import load_for
 from kmodd.errors import KmoddError
 from kmodd.host.cmdline import read_mode_override
@@ -35,6 +36,7 @@ class Explanation:
     valid_kernel_name: bool
     steps: tuple[LoadStep, ...]
     module_dir: str
+    enforcement: DecisionEnforcement
 
 
 def _cmdline_mode(root: Path) -> Mode | None:
@@ -55,6 +57,7 @@ def explain(paths: Paths, name: str, source: Source, policy: PolicySet) -> Expla
     with KmodContext.from_paths(paths) as ctx:
         resolution = ctx.resolve(name)
         decision = decide(Request(name, source), resolution, compiled)
+        enforcement = of_decision(compiled, ctx, decision)
         infos: dict[str, ModuleInfo] = {}
         for module in dict.fromkeys((*resolution.modules, *resolution.load_set)):
             try:
@@ -72,6 +75,7 @@ def explain(paths: Paths, name: str, source: Source, policy: PolicySet) -> Expla
         valid_kernel_name=helper.valid_name(name.encode(errors="replace")),
         steps=resolution.steps,
         module_dir=str(paths.module_dir.absolute()),
+        enforcement=enforcement,
     )
 
 
@@ -118,6 +122,7 @@ def to_json(ex: Explanation) -> dict[str, object]:
             "mode_from": ex.mode_from,
         },
         "attribution": attribution(ex.policy),
+        "enforcement": decision_json(ex.enforcement),
     }
 
 
@@ -168,6 +173,7 @@ def render_text(ex: Explanation) -> str:
     out.append(f"  reason: {d.reason}")
     for ref in info.references if info else ():
         out.append(f"  reference: {ref}")
+    out.extend(explain_lines(ex.enforcement))
     out.append("  considered:")
     for considered in d.trace:
         subject = considered.module or f"(request {d.request})"

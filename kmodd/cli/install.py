@@ -40,6 +40,15 @@ SYSCTL_DEST = "usr/local/lib/sysctl.d/50-kmodd.conf"
 TMPFILES_DEST = "usr/local/lib/tmpfiles.d/kmodd.conf"
 CATALOG_DEST = "usr/local/lib/systemd/catalog/kmodd.catalog"
 POLICY_DEST = "usr/lib/kmodd/policy.d"
+# Early boot (initramfs/): the shared script, and the two generators' entry points.
+INITRAMFS_SCRIPT_DEST = "usr/local/libexec/kmodd/kmodd-initramfs"
+INITRAMFS_TOOLS_HOOK_DEST = "usr/share/initramfs-tools/hooks/kmodd"
+DRACUT_MODULE_DEST = "usr/lib/dracut/modules.d/90kmodd/module-setup.sh"
+INITRAMFS_FILES = (
+    ("kmodd-initramfs", INITRAMFS_SCRIPT_DEST),
+    ("initramfs-tools-hook", INITRAMFS_TOOLS_HOOK_DEST),
+    ("dracut-module-setup.sh", DRACUT_MODULE_DEST),
+)
 MANIFEST = "usr/local/lib/kmodd/install-manifest.json"
 UNITS = (
     "kmodd.service",
@@ -85,9 +94,10 @@ class FileSpec:
 
 @dataclass(frozen=True, slots=True)
 class Shipped:
-    base: Path  # the dir holding systemd/ and policies/
+    base: Path  # the dir holding systemd/, initramfs/ and policies/
     systemd: Path
     policies: tuple[Path, ...]
+    initramfs: Path
 
 
 @dataclass
@@ -109,7 +119,7 @@ def find_shipped(bases: Sequence[Path] | None = None) -> Shipped:
     for base in bases:
         if (base / "systemd/kmodd.service").is_file():
             policies = tuple(sorted((base / "policies").glob("*.yaml")))
-            return Shipped(base, base / "systemd", policies)
+            return Shipped(base, base / "systemd", policies, base / "initramfs")
     raise InstallError(
         "cannot find the shipped systemd units",
         hint="looked for systemd/kmodd.service under " + ", ".join(map(str, bases)),
@@ -156,11 +166,13 @@ def helper_source(python: Path, script: Path | None = None) -> bytes:
 
 
 def render(template: str, bindir: Path, python: Path = Path(DEFAULT_PYTHON)) -> bytes:
-    """Substitute @BINDIR@ (the venv holding kmodd/kmodctl), @HELPER@, @BOOT_PUBLISH@ and
-    @PYTHON@ (the interpreter of the helper and the boot step)."""
+    """Substitute @BINDIR@ (the venv holding kmodd/kmodctl), @HELPER@, @LIBEXEC@ (its
+    directory), @BOOT_PUBLISH@ and @PYTHON@ (the interpreter of the helper and the boot
+    step)."""
     for key, value in (
         ("@BINDIR@", str(bindir)),
         ("@HELPER@", "/" + HELPER_DEST),
+        ("@LIBEXEC@", "/" + str(Path(HELPER_DEST).parent)),
         ("@BOOT_PUBLISH@", "/" + BOOT_PUBLISH_DEST),
         ("@PYTHON@", str(python)),
     ):
@@ -186,6 +198,10 @@ def plan(shipped: Shipped, bindir: Path, python: Path) -> list[FileSpec]:
     specs.append(FileSpec(TMPFILES_DEST, (units / "kmodd.tmpfiles").read_bytes(), 0o644))
     if (units / "kmodd.catalog").is_file():
         specs.append(FileSpec(CATALOG_DEST, (units / "kmodd.catalog").read_bytes(), 0o644))
+    specs += [
+        FileSpec(dest, render((shipped.initramfs / name).read_text(), bindir), 0o755)
+        for name, dest in INITRAMFS_FILES
+    ]
     specs += [FileSpec(f"{POLICY_DEST}/{p.name}", p.read_bytes(), 0o644) for p in shipped.policies]
     return specs
 
@@ -485,8 +501,11 @@ VERBS: tuple[VerbSpec, ...] = (
         description="Put kmodd's system files in place (idempotent) and print what was done:"
         f" /{HELPER_DEST} and /{BOOT_PUBLISH_DEST} (0755, root),"
         f" /{UNIT_DIR}/{{{','.join(UNITS)}}},"
-        f" /{SYSCTL_DEST}, /{TMPFILES_DEST}, /{POLICY_DEST}/*.yaml."
-        " It does not enable or start anything.",
+        f" /{SYSCTL_DEST}, /{TMPFILES_DEST}, /{POLICY_DEST}/*.yaml, and for early boot"
+        f" /{INITRAMFS_TOOLS_HOOK_DEST} (initramfs-tools), /{DRACUT_MODULE_DEST} (dracut)"
+        f" and /{INITRAMFS_SCRIPT_DEST}, which put the rendered denies into the next"
+        " initramfs.  It does not enable or start anything, nor rebuild the initramfs"
+        " (update-initramfs -u, dracut -f).",
         epilog="examples:\n  kmodctl install --dry-run\n  kmodctl install\n"
         "  kmodctl install --prefix /mnt/image --json",
     ),

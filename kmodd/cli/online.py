@@ -34,9 +34,10 @@ VERBS: tuple[VerbSpec, ...] = (
         "kmodd.cli.online:status",
         description="Ask the running kmodd for its state: pid, uptime, policy generation"
         " and hash, mode, policy files, last reload (with errors), decision counters,"
-        " kernel.modprobe, the enforcing layers, watcher and udev counters, enforcement"
-        " file, conflicts, devices and loaded modules the policy denies.  Exit 1 when the"
-        " daemon is not running.",
+        " kernel.modprobe, the enforcing layers and which of them hold each deny rule (with"
+        " what is left open and the remedy), whether the initramfs carries this policy,"
+        " watcher and udev counters, enforcement file, conflicts, devices and loaded"
+        " modules the policy denies.  Exit 1 when the daemon is not running.",
         epilog="examples:\n  kmodctl status\n  kmodctl status --json | jq .decisions",
     ),
     VerbSpec(
@@ -186,6 +187,41 @@ def _layer_lines(doc: StatusDocument) -> list[str]:
     ]
 
 
+def _coverage_lines(doc: StatusDocument) -> list[str]:
+    """Which layers hold each deny rule; what is left open, with the remedy."""
+    rules = doc.get("coverage") or []
+    if not rules:
+        return []
+    open_ = [r for r in rules if not r["enforced"]]
+    lines = [f"coverage:    {len(rules)} deny rule(s), {len(open_)} not fully enforced"]
+    width = max(len(r["rule"]) for r in rules)
+    for r in rules:
+        held = " ".join(r["layers"]) or "NOTHING"
+        lines.append(f"  {r['rule']:<{width}}  {held}{'' if r['enforced'] else '  (gaps)'}")
+        lines += [f"    not enforced: {gap}" for gap in r["gaps"]]
+        if r["remedy"] and not r["enforced"]:
+            lines.append(f"    remedy: {r['remedy']}")
+    return lines
+
+
+def _initramfs_line(doc: StatusDocument) -> list[str]:
+    info = doc.get("initramfs")
+    gen = doc.get("generation")
+    if info is None or gen is None:
+        return []
+    if info["path"] is None:
+        return [f"initramfs:   none for {doc['release']} (nothing loads before kmodd from one)"]
+    if info["error"]:
+        return [f"initramfs:   {info['path']}: NOT CHECKED ({info['error']})"]
+    if info["current"]:
+        return [f"initramfs:   {info['path']}: carries this policy ({gen['policy_hash'][:12]})"]
+    found = (info["policy_hash"] or "no kmodd record")[:12]
+    return [
+        f"initramfs:   {info['path']}: PREDATES THE POLICY (it has {found}, the policy is"
+        f" {gen['policy_hash'][:12]}): rebuild it (update-initramfs -u, or dracut -f)"
+    ]
+
+
 def _edges_lines(doc: StatusDocument) -> list[str]:
     w, u = doc["watcher"], doc["udev"]
     watcher = "off" if w is None else f"{w['errors']} failed round(s)"
@@ -214,6 +250,8 @@ def render_status(doc: StatusDocument) -> str:
         *_edges_lines(doc),
         f"enforcement: {doc['enforcement_file']}",
         *_layer_lines(doc),
+        *_coverage_lines(doc),
+        *_initramfs_line(doc),
     ]
     sections = (
         ("conflicts", doc["conflicts"], lambda c: f"{c['kind']} {c['module']}: {c['detail']}"),

@@ -28,6 +28,7 @@ class Verb(StrEnum):
     GENERATE = "generate"
     SIMULATE = "simulate"
     CMDLINE = "cmdline"
+    VERIFY = "verify"
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +60,12 @@ def _validate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="policy files or directories (*.yaml); default: the policy dirs under --root",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 also when a deny rule is not fully enforced (a warning), or when"
+        " enforcement cannot be checked (no module tree)",
+    )
 
 
 def _explain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +93,21 @@ def _cmdline_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--module",
+        action="append",
+        metavar="NAME",
+        help="check only this denied module (repeatable; default: every denied module)",
+    )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        metavar="PATH",
+        help="use these policy files/dirs instead of the policy dirs under --root",
+    )
+
+
 CMDLINE_DESCRIPTION = """\
 Print the kernel command-line arguments the policy implies for the tree under --root:
   module_blacklist=A,B     the kernel refuses to load these (every path: initramfs,
@@ -98,6 +120,29 @@ there is none (Debian ships a stub System.map), by the <module>_init convention,
 The whole command line must stay under 2048 characters on x86.  Nothing is changed:
 the output ends with how to add the arguments (GRUB, kernel-install, grubby)."""
 
+VERIFY_DESCRIPTION = """\
+Check that every module the policy denies is really kept out, by asking the enforcers
+rather than kmodd: for each denied module (and denied built-in)
+
+  KERNEL REQUEST  is kernel.modprobe the kmodd helper, and does its snapshot deny the
+                  module (the path of request_module(): socket families, mounts, ...)
+  MODPROBE        kmod's own `modprobe -n -v NAME` against the modprobe.d dirs under
+                  --root: refused when it would insert no .ko of the module
+                  (udev, systemd-modules-load and an admin's modprobe all use this)
+  LOADED          in /proc/modules now (a deny cannot unload it)
+  INITRAMFS       carried by /boot/initrd.img-RELEASE (or dracut's initramfs-RELEASE.img),
+                  and if so, refused by the image's own modprobe.d
+  BUILT-IN        in modules.builtin: no modprobe.d line or helper can deny it
+  CIS             the usual CIS check: `modprobe -n -v NAME` shows `install /...` and
+                  `modprobe --showconfig` shows `blacklist NAME`
+
+A cell in capitals (LOADS, NO) is a failure.  'not denied' means the rule does not
+apply to that path (e.g. `source: [udev]`).  Below the table each failure says why and
+what to do; warnings cover the machine (stale initramfs, kernel.modprobe, mode).
+Exit 0 when every denied module is enforced on every path it is denied for, 1 when
+any is not (or the mode is permissive/learn: nothing is enforced)."""
+
+
 OFFLINE: tuple[VerbSpec, ...] = (
     VerbSpec(
         Verb.VALIDATE,
@@ -105,8 +150,13 @@ OFFLINE: tuple[VerbSpec, ...] = (
         "kmodd.cli.validate:run",
         _validate_arguments,
         description="Validate policy files without applying them.  Exit 0 if valid, 1 if"
-        " not; every problem is printed as FILE:LINE:COL: message (hint).",
+        " not; every problem is printed as FILE:LINE:COL: message (hint).  A valid policy"
+        " is then checked against the module tree of --root/--kernel: every deny rule that"
+        " no layer can fully enforce (a built-in module, a rule only the daemon can see,"
+        " ...) is printed as FILE:LINE:COL: warning: ... (hint: the remedy).  Warnings do"
+        " not change the exit code unless --strict.",
         epilog="examples:\n  kmodctl validate\n  kmodctl validate ./my-site.yaml\n"
+        "  kmodctl validate --strict            CI: fail on a deny that is not enforced\n"
         "  kmodctl --root /mnt/image validate",
     ),
     VerbSpec(
@@ -129,6 +179,16 @@ OFFLINE: tuple[VerbSpec, ...] = (
         epilog="examples:\n  kmodctl cmdline\n  kmodctl cmdline --json\n"
         "  kmodctl --root /mnt/image --kernel 6.12.57+deb13-amd64 cmdline\n"
         "  kmodctl cmdline --policy ./site.yaml",
+    ),
+    VerbSpec(
+        Verb.VERIFY,
+        "check on this machine that every denied module is really refused, by every path",
+        "kmodd.cli.verify_report:run",
+        _verify_arguments,
+        description=VERIFY_DESCRIPTION,
+        epilog="examples:\n  kmodctl verify\n  kmodctl verify --module ksmbd --module cramfs\n"
+        "  kmodctl verify --json | jq '.modules[] | select(.enforced | not)'\n"
+        "  kmodctl --root /mnt/image verify      an image: no /proc, so LOADED is '?'",
     ),
     VerbSpec(
         Verb.SCHEMA,

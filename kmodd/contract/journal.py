@@ -49,6 +49,11 @@ class MessageId(StrEnum):
     ALLOW = "8bd2e8ad851f41c691d60a6769ff481b", Priority.INFO, "decision: allowed"
     DENY = "3fd47b15f71a497a96fce61bb48c2e03", Priority.WARNING, "decision: denied"
     WOULD_DENY = "9a9705a46d7f4c43be225164cbef514e", Priority.NOTICE, "decision: would deny"
+    ALREADY_LOADED = (
+        "1a9132d5eeba4de7893bd916082dbcf9",
+        Priority.WARNING,
+        "decision: denied, but the module was already loaded (nothing was blocked)",
+    )
     RELOAD_OK = "e85821c83b0b4d1ea1242595920b38f6", Priority.INFO, "generation activated"
     RELOAD_FAILED = "75f0bddb413247d68fb3ada830a519fa", Priority.ERR, "reload failed"
     CONFLICT = "697fd0b86e9243698e3d137fc76d9920", Priority.WARNING, "modprobe.d conflict"
@@ -69,7 +74,7 @@ _BY_OUTCOME = {
     Outcome.DENY: MessageId.DENY,
     Outcome.WOULD_DENY: MessageId.WOULD_DENY,
 }
-DECISIONS = (MessageId.ALLOW, MessageId.DENY, MessageId.WOULD_DENY)
+DECISIONS = (MessageId.ALLOW, MessageId.DENY, MessageId.WOULD_DENY, MessageId.ALREADY_LOADED)
 RELOADS = (MessageId.RELOAD_OK, MessageId.RELOAD_FAILED)
 ALL_SOURCES = frozenset(Source)
 KERNEL = frozenset({Source.KERNEL})
@@ -124,8 +129,15 @@ class Field(StrEnum):
         (*DECISIONS, MessageId.REFUSED),
         frozenset({Source.CLI}),
     )
-    ENFORCED = "KMODD_ENFORCED", "yes, or no: WHY", DECISIONS, ALL_SOURCES, True
-    LAYERS = "KMODD_LAYERS", "the enforcing layers, space-separated", DECISIONS, ALL_SOURCES, True
+    ENFORCED = "KMODD_ENFORCED", "deny decisions: yes, or no: WHY", DECISIONS, ALL_SOURCES, True
+    LAYERS = "KMODD_LAYERS", "deny decisions: the enforcing layers", DECISIONS, ALL_SOURCES, True
+    LOADED = (
+        "KMODD_LOADED",
+        "udev denies: the denied modules already loaded (before kmodd decided)",
+        DECISIONS,
+        frozenset({Source.UDEV}),
+        True,
+    )
     # --- who asked (kernel requests; docs/attribution.md)
     OBJECT_PID = (
         "OBJECT_PID",

@@ -112,6 +112,26 @@ LAYERS = ("kernel", "helper", "modprobe_d", "udev")
 Layers = dict[str, LayerState]
 
 
+class RuleCoverageInfo(TypedDict):
+    """Which layers hold one deny rule (kmodd.policy.coverage.RuleCoverage)."""
+
+    rule: str
+    location: str | None  # FILE:LINE
+    layers: list[str]  # Layer values, in LAYERS order then cmdline
+    enforced: bool  # some layer holds it and nothing is left open
+    gaps: list[str]  # what is not enforced and why, one sentence each
+    remedy: str | None
+
+
+class InitramfsInfo(TypedDict):
+    """The initramfs the boot loader loads for this release, and the policy in it."""
+
+    path: str | None  # None: no image for the release under ROOT/boot
+    policy_hash: str | None  # recorded by kmodd's initramfs hook; None: no record
+    current: bool  # it carries the active generation's policy
+    error: str | None  # the image could not be read
+
+
 class WatcherInfo(TypedDict):
     running: bool
     errors: int  # failed flush/reconcile rounds (each retried)
@@ -176,6 +196,8 @@ class StatusDocument(TypedDict):
     notes: list[str]
     attribution: AttributionInfo | None
     layers: Layers
+    coverage: list[RuleCoverageInfo]  # one per deny rule of the active generation
+    initramfs: InitramfsInfo | None  # None: no active generation
     watcher: WatcherInfo | None  # None: not watching (--no-watch)
     udev: UdevInfo | None  # None: no monitor (--no-udev, or it failed to open)
     last_good: LastGoodInfo | None  # None: a core without a store (tests)

@@ -89,7 +89,7 @@ class Core:
         self.sink = sink
         self.edges = edges
         self.started = time.time()
-        self.decider = Decider(sink)
+        self.decider = Decider(sink, edges.sys_module)
         self.housekeeper = Housekeeper(paths, sink, edges)
         self.tree_index = TreeIndex()  # what one build keeps for the next
         self.last_reload: ReloadResult | None = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kmodd.contract.journal import Fields, Record
 from kmodd.contract.status import DecisionCounters
@@ -25,7 +26,9 @@ from kmodd.daemon import records
 from kmodd.daemon.events import UdevDevice
 from kmodd.daemon.generation import Generation
 from kmodd.daemon.journal import JournalSink
+from kmodd.host import sysmodule
 from kmodd.host.proc import Requester
+from kmodd.host.sysmodule import SYS_MODULE
 from kmodd.policy.engine import Decision
 from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.types import Outcome, Source, Verdict
@@ -62,26 +65,31 @@ class Answer:
     """One cached decision, its decide.sock reply and (made on first use, then identical
     for every repeat) its journal record as a kernel request."""
 
-    __slots__ = ("_generation", "_record", "decision", "reply")
+    __slots__ = ("_generation", "_record", "decision", "enforcement", "reply")
 
-    def __init__(self, decision: Decision, generation: int) -> None:
+    def __init__(self, decision: Decision, generation: Generation) -> None:
         self.decision = decision
         verdict = b"allow " if decision.effective is Verdict.ALLOW else b"deny "
         self.reply = verdict + _token(decision.rule) + b"\n"
-        self._generation = generation
+        self._generation = generation.number
+        # Which layers hold it (KMODD_ENFORCED/KMODD_LAYERS): a few set lookups.
+        self.enforcement: records.Enforcement = generation.enforcement_of(decision)
         self._record: Record | None = None
 
     def record(self) -> Record:
         if self._record is None:
-            self._record = records.decision(self.decision, self._generation)
+            self._record = records.decision(
+                self.decision, self._generation, enforcement=self.enforcement
+            )
         return self._record
 
 
 class Decider:
     """Owned by the core thread (libkmod contexts are not thread-safe)."""
 
-    def __init__(self, sink: JournalSink) -> None:
+    def __init__(self, sink: JournalSink, sys_module: Path = SYS_MODULE) -> None:
         self.sink = sink
+        self.sys_module = sys_module  # where "is this module loaded" is read
         self.stats = Stats()
         self.hits = 0  # cache hits / misses since start (tests, benchmarks)
         self.misses = 0
@@ -113,7 +121,7 @@ class Decider:
             self.hits += 1
             return found
         self.misses += 1
-        found = Answer(gen.decide(name, source, key[2]), gen.number)
+        found = Answer(gen.decide(name, source, key[2]), gen)
         if found.decision.modules:  # see the module docstring: floods resolve to nothing
             if len(self._cache) >= DECISION_CACHE_MAX:
                 del self._cache[next(iter(self._cache))]
@@ -152,8 +160,23 @@ class Decider:
         if not only_denied or d.verdict is Verdict.DENY:
             self.stats.count(d)
             assert self._generation is not None
-            self.sink.emit(records.decision(d, self._generation.number, device, peer_pid))
+            loaded = self._already_loaded(d) if device is not None else ()
+            record = records.decision(
+                d,
+                self._generation.number,
+                device,
+                peer_pid,
+                enforcement=found.enforcement,
+                loaded=loaded,
+            )
+            self.sink.emit(record)
         return d
+
+    def _already_loaded(self, d: Decision) -> tuple[str, ...]:
+        """The denied modules of a device's decision that are in the kernel already (the
+        initramfs, an insmod): that record must say so, never "denied"."""
+        denied = [t.module for t in d.trace if t.module and t.verdict is Verdict.DENY]
+        return sysmodule.loaded(denied, self.sys_module) if denied else ()
 
 
 def _token(rule: str) -> bytes:

@@ -24,10 +24,18 @@ from kmodd.daemon.treeindex import TreeIndex
 from kmodd.errors import InvalidInputError, KmoddError
 from kmodd.host.cmdline import PROC_CMDLINE, read_mode_override
 from kmodd.kmod.context import KmodContext, config_dirs, config_key, index_key
+from kmodd.kmod.initramfs import PolicyRecord, policy_record
 from kmodd.kmod.model import Resolution
 from kmodd.kmod.provenance import Provenance
 from kmodd.paths import ENFORCEMENT_FILE, Paths
 from kmodd.policy import compiler, engine
+from kmodd.policy.coverage import (
+    Layer,
+    RuleCoverage,
+    enforcing_layers,
+    not_enforced_reason,
+    rule_coverage,
+)
 from kmodd.policy.loader import load_policy
 from kmodd.policy.model import PolicySet
 from kmodd.policy.requester import RequesterFacts
@@ -73,6 +81,11 @@ class Generation:
     snapshot: bytes
     conflicts: tuple[Conflict, ...]
     denied_modules: frozenset[str]  # modules rendered as denied (enforce mode)
+    # Which layers hold each deny rule (kmodd.policy.coverage; status, journal) and the
+    # tree's built-ins (nothing can deny those): computed by the builder, ~30 ms.
+    coverage: tuple[RuleCoverage, ...] = ()
+    builtins: frozenset[str] = frozenset()
+    initramfs: PolicyRecord | None = None  # what the current initramfs carries (status)
     created: float = field(default_factory=time.time)
 
     @property
@@ -86,6 +99,11 @@ class Generation:
         only, libkmod is not thread-safe)."""
         request = engine.Request(name, source, requester)
         return engine.decide(request, self.kmod.resolve(name), self.compiled)
+
+    def enforcement_of(self, d: engine.Decision) -> tuple[frozenset[Layer], str | None]:
+        """The layers that hold deny D, and why it is not enforced (None: it is)."""
+        layers = enforcing_layers(d, d.source, rendered=self.denied_modules, builtins=self.builtins)
+        return layers, not_enforced_reason(d, d.source, layers, self.builtins)
 
     def close(self) -> None:
         self.kmod.close()
@@ -146,6 +164,9 @@ class _Resolver:
     def module_names(self) -> tuple[str, ...]:
         return self.ctx.module_names()
 
+    def builtin_names(self) -> tuple[str, ...]:
+        return self.ctx.builtin_names()
+
     def alias_patterns(self) -> tuple[tuple[str, str], ...]:
         return self.index.request_aliases(self.ctx)
 
@@ -176,6 +197,9 @@ def build_generation(
             digest.update(part.encode() + b"\0")
         content_hash = digest.hexdigest()
         snapshot = compiler.render_snapshot(compiled, tree, engine.decide, number, options.modprobe)
+        covered = rule_coverage(compiled, tree)
+        builtins = frozenset(tree.builtin_names())
+        initramfs = policy_record(paths.root, paths.release)
     except BaseException:
         ctx.close()
         raise
@@ -192,6 +216,9 @@ def build_generation(
         snapshot=snapshot,
         conflicts=(),
         denied_modules=frozenset(_rendered_denials(enforcement)),
+        coverage=covered,
+        builtins=builtins,
+        initramfs=initramfs,
     )
 
 

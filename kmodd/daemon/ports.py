@@ -6,9 +6,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kmodd.daemon.attribution import Attributor
+from kmodd.host.sysmodule import SYS_MODULE
 
 if TYPE_CHECKING:  # lastgood builds generations: ports stay below it
     from kmodd.daemon.lastgood import LastGood
@@ -78,4 +80,5 @@ class Edges:
     udev: UdevLike | None = None  # the running uevent monitor
     watcher: WatcherLike | None = None  # the running file watcher
     static_usermodehelper: str | None = None  # the kernel bypasses kernel.modprobe: why
+    sys_module: Path = SYS_MODULE  # which modules are loaded (udev "already loaded" records)
     clock: Callable[[], float] = time.monotonic

@@ -17,6 +17,7 @@ from kmodd.contract.journal import (
 from kmodd.daemon.events import UdevDevice
 from kmodd.host.proc import Requester
 from kmodd.host.tracefs import Availability
+from kmodd.policy.coverage import Layer
 from kmodd.policy.engine import Decision
 from kmodd.policy.types import Mode, Outcome
 
@@ -26,14 +27,31 @@ def _priority(message_id: MessageId) -> Priority:
     return message_id.priority
 
 
+Enforcement = tuple[frozenset[Layer], str | None]  # Generation.enforcement_of: layers, why not
+
+
 def decision(
-    d: Decision, generation: int, device: UdevDevice | None = None, peer_pid: int | None = None
+    d: Decision,
+    generation: int,
+    device: UdevDevice | None = None,
+    peer_pid: int | None = None,
+    *,
+    enforcement: Enforcement | None = None,
+    loaded: Sequence[str] = (),
 ) -> Record:
     """One decision.  KMODD_VERDICT is the policy's verdict; the MESSAGE_ID (and KMODD_MODE)
-    say whether it was enforced (a permissive deny is a WOULD_DENY and the load proceeds)."""
+    say whether it was enforced (a permissive deny is a WOULD_DENY and the load proceeds).
+
+    A deny carries KMODD_ENFORCED/KMODD_LAYERS (ENFORCEMENT: which layers hold it).  A udev
+    deny whose denied modules are LOADED already is not called denied: nothing was
+    blocked, the module came in earlier (initramfs, insmod), and the record says so."""
     outcome = d.outcome
     message_id = MessageId.for_outcome(outcome)
     verb = {Outcome.ALLOW: "allowed", Outcome.DENY: "denied"}.get(outcome, f"would deny ({d.mode})")
+    already = bool(loaded) and outcome is Outcome.DENY
+    if already:
+        message_id = MessageId.ALREADY_LOADED
+        verb = "already loaded"
     fields: Fields = {
         Field.REQUEST: d.request,
         Field.VERDICT: d.verdict.value,
@@ -55,7 +73,26 @@ def decision(
         shown = f"{device.devpath} ({d.request[:80]})"
     if peer_pid is not None:
         fields[Field.PEER_PID] = str(peer_pid)
-    return Record(message_id, _priority(message_id), f"{verb} {shown}: {d.reason}", fields)
+    if outcome is not Outcome.ALLOW and enforcement is not None:
+        fields.update(_enforced(enforcement, loaded))
+    why = d.reason
+    if already:  # KMODD_REASON keeps the engine's sentence; MESSAGE must not say "denied"
+        why = (
+            f"{' '.join(loaded)} was in the kernel before kmodd decided; rule {d.rule}"
+            " would refuse it (nothing was blocked)"
+        )
+    return Record(message_id, _priority(message_id), f"{verb} {shown}: {why}", fields)
+
+
+def _enforced(enforcement: Enforcement, loaded: Sequence[str]) -> Fields:
+    layers, why = enforcement
+    if loaded:
+        why = f"already loaded: {' '.join(loaded)} (before kmodd decided)"
+    return {
+        Field.ENFORCED: "yes" if why is None else f"no: {why}",
+        Field.LAYERS: " ".join(str(layer) for layer in sorted(layers)),
+        **({Field.LOADED: " ".join(loaded)} if loaded else {}),
+    }
 
 
 def requester(who: Requester) -> Fields:

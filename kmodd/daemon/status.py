@@ -8,14 +8,17 @@ import time
 from pathlib import Path
 
 from kmodd.contract.status import (
+    LAYERS,
     ConflictInfo,
     DeviceDenied,
     GenerationInfo,
+    InitramfsInfo,
     KernelModprobe,
     Layers,
     LayerState,
     LoadedDenied,
     ReloadInfo,
+    RuleCoverageInfo,
     StatusDocument,
     UdevInfo,
     WatcherInfo,
@@ -197,9 +200,41 @@ def status(core: CoreView) -> StatusDocument:
         notes=list(core.notes),
         attribution=core.attribution,
         layers=layers(core),
+        coverage=coverage(core),
+        initramfs=initramfs(core),
         watcher=_watcher(core),
         udev=_udev(core),
         last_good=core.last_good,
+    )
+
+
+def coverage(core: CoreView) -> list[RuleCoverageInfo]:
+    """Per deny rule of the active generation: which layers hold it (computed at build)."""
+    gen = core.generation
+    if gen is None:
+        return []
+    order = {name: i for i, name in enumerate((*LAYERS, "cmdline"))}
+    return [
+        RuleCoverageInfo(
+            rule=c.rule,
+            location=c.location,
+            layers=sorted((str(layer) for layer in c.layers), key=lambda n: order.get(n, 99)),
+            enforced=c.enforced,
+            gaps=list(c.gaps),
+            remedy=c.remedy,
+        )
+        for c in gen.coverage
+    ]
+
+
+def initramfs(core: CoreView) -> InitramfsInfo | None:
+    """Whether the initramfs for this release carries the active policy (read at build)."""
+    gen = core.generation
+    if gen is None or gen.initramfs is None:
+        return None
+    r = gen.initramfs
+    return InitramfsInfo(
+        path=r.path, policy_hash=r.policy_hash, current=r.current(gen.policy.hash), error=r.error
     )
 
 

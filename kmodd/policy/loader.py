@@ -325,8 +325,8 @@ def _merge(parsed: list[tuple[Path, bytes, PolicyFile, Document]]) -> PolicySet:
         if policy.default is not None:
             default, default_from = policy.default, str(path)
         for index, rule in enumerate(policy.rules):
-            line = doc.marks.get(("rules", index), Mark(0, 0)).line
-            rules.append(LocatedRule(rule, str(path), line))
+            mark = doc.marks.get(("rules", index), Mark(0, 0))
+            rules.append(LocatedRule(rule, str(path), mark.line, mark.column))
     return PolicySet(
         files=tuple(sources),
         rules=tuple(rules),

@@ -245,6 +245,7 @@ class LocatedRule:
     rule: Rule
     path: str
     line: int  # 1-based line of the rule's first key
+    column: int = 0  # 1-based column of that key (0: unknown)
 
     def location(self) -> str:
         return f"{self.path}:{self.line}"

@@ -251,8 +251,10 @@ def test_shipped_files_from_a_wheel_layout(tmp_path: Path) -> None:
     share = tmp_path / "venv/share/kmodd"
     shutil.copytree(REPO / "systemd", share / "systemd")
     shutil.copytree(REPO / "policies", share / "policies")
+    shutil.copytree(REPO / "initramfs", share / "initramfs")
     shipped = find_shipped([tmp_path / "not-a-checkout", share])
     assert shipped.systemd == share / "systemd"
+    assert shipped.initramfs == share / "initramfs"
     assert [p.name for p in shipped.policies] == sorted(
         p.name for p in (REPO / "policies").glob("*.yaml")
     )
@@ -265,6 +267,7 @@ def test_pyproject_ships_what_install_reads() -> None:
     assert config["tool"]["setuptools"]["data-files"] == {
         "share/kmodd/systemd": ["systemd/*"],
         "share/kmodd/policies": ["policies/*.yaml"],
+        "share/kmodd/initramfs": ["initramfs/*"],
     }
 
 

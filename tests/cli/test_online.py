@@ -19,11 +19,13 @@ from kmodd.contract.status import (
     DecisionCounters,
     FallbackInfo,
     GenerationInfo,
+    InitramfsInfo,
     KernelModprobe,
     LastGoodInfo,
     LayerState,
     LoadedDenied,
     ReloadInfo,
+    RuleCoverageInfo,
     StatusDocument,
     StoredInfo,
     UdevInfo,
@@ -128,6 +130,30 @@ def status_doc(**over: Any) -> StatusDocument:
             "modprobe_d": LayerState(active=False, reason="mode permissive: nothing rendered"),
             "udev": LayerState(active=True, reason="uevent monitor running (udev events)"),
         },
+        coverage=[
+            RuleCoverageInfo(
+                rule="copy-fail",
+                location="/x.yaml:3",
+                layers=["helper", "modprobe_d"],
+                enforced=True,
+                gaps=[],
+                remedy=None,
+            ),
+            RuleCoverageInfo(
+                rule="no-zswap",
+                location="/x.yaml:9",
+                layers=["helper"],
+                enforced=False,
+                gaps=["built into the kernel: zswap"],
+                remedy="add initcall_blacklist=zswap_init",
+            ),
+        ],
+        initramfs=InitramfsInfo(
+            path="/boot/initrd.img-6.1.0-test-amd64",
+            policy_hash="ef" * 32,
+            current=False,
+            error=None,
+        ),
         watcher=WatcherInfo(running=True, errors=3),
         udev=UdevInfo(running=True, source="udev", events=5, skipped=1, lost=2),
         last_good=None,
@@ -152,6 +178,20 @@ def test_render_status_says_what_matters() -> None:
     assert "udev:        5 event(s) (udev), 1 skipped, 2 monitor failure(s)" in text
     assert "  modprobe_d  INACTIVE: mode permissive: nothing rendered" in text
     assert "  udev        active: uevent monitor running (udev events)" in text
+    assert "coverage:    2 deny rule(s), 1 not fully enforced" in text
+    assert "  copy-fail  helper modprobe_d\n" in text
+    assert "  no-zswap   helper  (gaps)\n    not enforced: built into the kernel: zswap" in text
+    assert "    remedy: add initcall_blacklist=zswap_init" in text
+    assert "PREDATES THE POLICY (it has efefefefefef, the policy is cdcdcdcdcdcd)" in text
+
+
+def test_render_status_initramfs_current_and_absent() -> None:
+    current = InitramfsInfo(path="/boot/i", policy_hash="cd" * 32, current=True, error=None)
+    assert "initramfs:   /boot/i: carries this policy" in render_status(
+        status_doc(initramfs=current)
+    )
+    none = InitramfsInfo(path=None, policy_hash=None, current=False, error=None)
+    assert "initramfs:   none for 6.1.0-test-amd64" in render_status(status_doc(initramfs=none))
 
 
 def test_render_status_without_generation() -> None:

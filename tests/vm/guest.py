@@ -38,9 +38,9 @@ NOBODY = "65534"
 # Under TCG on 2 shared cores one Python start is 1-3 s and the daemon's start (imports,
 # libkmod indexes, compiling ~6,000 snapshot entries) 20-60 s: deadlines are generous
 # because a slow guest is not a failure, and every wait ends at its deadline.
-DAEMON_READY_S = 420.0
+DAEMON_READY_S = 600.0
 STEP_S = 480.0
-SETUP_S = 540.0
+SETUP_S = 720.0
 CMD_S = 60.0
 JOURNAL_WAIT_S = 60.0
 
@@ -117,7 +117,7 @@ class Guest:
         self.notify.bind(sock_path)
         self.notifications = []
         started = time.monotonic()
-        env = dict(os.environ, NOTIFY_SOCKET=sock_path)
+        env = dict(os.environ, NOTIFY_SOCKET=sock_path, PYTHONFAULTHANDLER="1")
         with Path("/run/kmodd-vm/kmodd.log").open("ab") as log:
             self.daemon = subprocess.Popen(
                 [str(VENV_BIN / "kmodd"), *self.daemon_args],
@@ -130,8 +130,17 @@ class Guest:
         ready = self.wait_notify("READY=1", DAEMON_READY_S)
         took = round(time.monotonic() - started, 1)
         if ready is None:
+            self._dump_stacks()
             raise TimeoutError(f"kmodd sent no READY=1 in {took} s: {self.notifications}")
         return {"ready": ready, "start_s": took}
+
+    def _dump_stacks(self) -> None:
+        """A daemon that never got ready: SIGABRT makes faulthandler (PYTHONFAULTHANDLER)
+        write every thread's Python stack to its log, which the step's error carries."""
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.daemon.wait(timeout=20)
 
     def wait_notify(self, want: str, timeout: float) -> str | None:
         """The first datagram naming WANT (a line such as READY=1), or None at the deadline."""

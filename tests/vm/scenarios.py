@@ -7,7 +7,7 @@ observe; tests/vm/test_scenarios.py asserts.  Each step uses request names no ot
 uses, so the steps of one boot stay independent of each other's loads.
 
 Plans: `main` (scenarios 1-6 and 8, daemon killed last), `permissive` (scenario 7, booted
-with kmodd.mode=permissive), `demo` (make demo).
+with kmodd.mode=permissive), `demo` (make demo), `enforce` (issue 10: tests/vm/enforcement.py).
 """
 
 from __future__ import annotations
@@ -289,8 +289,15 @@ def demo_plan() -> tuple[Guest, list[tuple[str, Step]]]:
     return Guest(), [("setup", lambda g: setup(g, site=False)), ("demo", demo_run)]
 
 
+def enforce_plan() -> tuple[Guest, list[tuple[str, Step]]]:
+    from tests.vm import enforcement  # noqa: PLC0415 -- it imports this module
+
+    return Guest(), list(enforcement.STEPS)
+
+
 PLANS: dict[str, Callable[[], tuple[Guest, list[tuple[str, Step]]]]] = {
     "main": main_plan,
     "permissive": permissive_plan,
     "demo": demo_plan,
+    "enforce": enforce_plan,
 }

@@ -12,7 +12,9 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
+from pathlib import Path
 from typing import Any
 
 AF_AX25 = 3
@@ -46,6 +48,21 @@ def bind_alg(kind: str, name: str) -> dict[str, Any]:
             sock.bind((kind, name))
     except OSError as err:
         return _failed(err)
+    return {"ok": True}
+
+
+def open_chardev(major: int, minor: int, path: str) -> dict[str, Any]:
+    """open() a character device node MAJOR:MINOR made at PATH: with no driver registered
+    for MAJOR, chrdev_open asks for char-major-MAJOR-MINOR (then fails ENXIO)."""
+    node = Path(path)
+    node.unlink(missing_ok=True)
+    os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
+    try:
+        os.close(os.open(node, os.O_RDONLY | os.O_NONBLOCK))
+    except OSError as err:
+        return _failed(err)
+    finally:
+        node.unlink()
     return {"ok": True}
 
 
