@@ -7,12 +7,17 @@ VPY         := $(VENV)/bin/python
 # apt packages: kmod is the oracle (modprobe/depmod) and libkmod; libsystemd-dev,
 # pkg-config, gcc and python3-dev build systemd-python; qemu runs the real kernel;
 # udev/systemd give the real udevd and journald the runtime tests talk to; virtme-ng
-# reads the kernel release of a vmlinuz with file(1).
+# reads the kernel release of a vmlinuz with file(1); clang (bpf target) and libbpf-dev
+# (bpf_helpers.h) build the kernel layer's BPF object, libbpf1 loads it.
 APT_PACKAGES := kmod libkmod2 libsystemd-dev pkg-config gcc python3-dev python3-venv \
                 qemu-system-x86 udev systemd util-linux procps psmisc busybox-static \
-                ca-certificates file
+                ca-certificates file clang libbpf-dev libbpf1
+# The kernel layer's BPF object (kmodd/bpf/kmodd.bpf.c): built here, shipped as package
+# data, so the target needs no compiler.  -g emits the BTF that CO-RE and libbpf need.
+BPF_OBJ     := kmodd/bpf/kmodd.bpf.o
+BPF_CFLAGS  := -O2 -g -Wall -Werror -target bpf -I/usr/include/$(shell uname -m)-linux-gnu
 
-.PHONY: help apt venv kernel-tree test test-fast lint demo bench clean
+.PHONY: help apt venv bpf kernel-tree test test-fast lint demo bench clean
 
 help:
 	@echo "make test         install everything, then run the whole suite (what CI runs)"
@@ -37,7 +42,12 @@ $(VENV)/.stamp: pyproject.toml | apt
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $@
 
-venv: apt $(VENV)/.stamp
+venv: apt $(VENV)/.stamp bpf
+
+bpf: $(BPF_OBJ)
+
+$(BPF_OBJ): kmodd/bpf/kmodd.bpf.c | apt
+	clang $(BPF_CFLAGS) -c $< -o $@.tmp && mv $@.tmp $@
 
 kernel-tree: venv
 	$(VPY) -m tests.kerneltree
@@ -60,4 +70,4 @@ bench: venv kernel-tree
 	$(VPY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(BPF_OBJ)
