@@ -25,6 +25,9 @@ POLICY_DIRS = (
     "run/kmodd/policy.d",
 )
 ENFORCEMENT_FILE = "run/modprobe.d/00-kmodd.conf"
+# Where `kmodctl install` puts the helper and what kernel.modprobe points at (the sysctl.d
+# drop-in, the daemon's --helper-path default, the deny stub of the rendered file).
+HELPER_PATH = "/usr/local/libexec/kmodd/kmodd-modprobe"
 
 
 class NoKernelError(KmoddError):

@@ -12,6 +12,7 @@ it must not pay for `import json`.  Never pickle: the peer is untrusted.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -59,7 +60,7 @@ class Call:
     parameters: Params = field(default_factory=dict)
 
 
-def _encode(obj: Params) -> bytes:
+def _encode(obj: Mapping[str, object]) -> bytes:
     # json escapes control characters, so a NUL never appears inside a frame.
     data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + FRAME_END
     if len(data) > CONTROL_MAX:
@@ -71,7 +72,7 @@ def encode_call(method: Method, parameters: Params | None = None) -> bytes:
     return _encode({"method": str(method), "parameters": parameters or {}})
 
 
-def encode_reply(parameters: Params) -> bytes:
+def encode_reply(parameters: Mapping[str, object]) -> bytes:
     return _encode({"parameters": parameters})
 
 

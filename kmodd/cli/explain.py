@@ -7,7 +7,6 @@ exit code says what the policy says; `effective` in the JSON says what would hap
 from __future__ import annotations
 
 import argparse
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +14,13 @@ from kmodd import helper
 from kmodd.cli.common import paths_from_args, print_json, wants_json
 from kmodd.cli.validate import load_for
 from kmodd.errors import KmoddError
+from kmodd.host.cmdline import read_mode_override
+from kmodd.host.tracefs import probe
 from kmodd.kmod.context import KmodContext
 from kmodd.kmod.model import ConfigLine, LoadStep, ModuleInfo
+from kmodd.kmod.provenance import Provenance
 from kmodd.paths import Paths
-from kmodd.policy.engine import Decision, Request, compile_policy, decide, mode_override
+from kmodd.policy.engine import Decision, Request, compile_policy, decide
 from kmodd.policy.model import PolicySet
 from kmodd.policy.types import Mode, Source, Verdict
 
@@ -37,22 +39,13 @@ class Explanation:
 
 def _cmdline_mode(root: Path) -> Mode | None:
     """kmodd.mode= on the kernel command line: only meaningful for the live root."""
-    if root != Path("/"):
-        return None
-    try:
-        return mode_override(Path("/proc/cmdline").read_text(errors="replace"))
-    except OSError:
-        return None
+    return read_mode_override() if root == Path("/") else None
 
 
 def _provenance(paths: Paths, request: str, modules: list[str]) -> tuple[ConfigLine, ...]:
     """modprobe.d lines relevant to REQUEST and MODULES, with file:line (kmodd.kmod.provenance;
-    libkmod cannot locate lines).  Empty when that reader is not available."""
-    try:
-        provenance = importlib.import_module("kmodd.kmod.provenance")
-    except ImportError:  # the provenance reader lands separately
-        return ()
-    reader = provenance.Provenance.from_paths(paths)
+    libkmod cannot locate lines)."""
+    reader = Provenance.from_paths(paths)
     return tuple(reader.for_request(request, list(dict.fromkeys(modules))))
 
 
@@ -131,8 +124,6 @@ def to_json(ex: Explanation) -> dict[str, object]:
 def attribution(policy: PolicySet) -> dict[str, object]:
     """What requester attribution this kernel offers, and the rules that depend on it
     (explain decides without a requester: those rules never match here)."""
-    from kmodd.daemon.attribution import probe  # noqa: PLC0415 -- only explain needs it
-
     rules = [r.rule.id for r in policy.rules if r.rule.match.requester is not None]
     return {**probe().as_dict(), "requester_rules": rules}
 

@@ -23,19 +23,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import kmodd
 from kmodd import helper
+from kmodd.atomic import write_atomic
 from kmodd.cli.common import print_json, wants_json
 from kmodd.cli.verbs import Verb, VerbSpec
 from kmodd.errors import KmoddError
-from kmodd.paths import ENFORCEMENT_FILE
+from kmodd.host.modprobe_path import ModprobePath
+from kmodd.paths import ENFORCEMENT_FILE, HELPER_PATH
 
-if TYPE_CHECKING:
-    from kmodd.daemon.modprobe_path import ModprobePath
-
-HELPER_DEST = "usr/local/libexec/kmodd/kmodd-modprobe"  # = compiler.DEFAULT_HELPER_PATH
+HELPER_DEST = HELPER_PATH.lstrip("/")  # under --prefix
 UNIT_DIR = "usr/local/lib/systemd/system"
 SYSCTL_DEST = "usr/local/lib/sysctl.d/50-kmodd.conf"
 TMPFILES_DEST = "usr/local/lib/tmpfiles.d/kmodd.conf"
@@ -216,25 +214,9 @@ def _up_to_date(path: Path, spec: FileSpec) -> bool:
 
 
 def _write(path: Path, spec: FileSpec) -> None:
-    # Temp file + rename: a reader (the kernel exec'ing the helper) sees old or new, and a
+    # kmodd.atomic: a reader (the kernel exec'ing the helper) sees old or new, and a
     # symlink planted at the destination is replaced, never followed.
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(spec.content)
-        while view:  # os.write may write less than asked
-            view = view[os.write(fd, view) :]
-        if _as_root():
-            os.fchown(fd, 0, 0)
-        os.fchmod(fd, spec.mode)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        tmp.replace(path)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, spec.content, mode=spec.mode, owner=(0, 0) if _as_root() else None)
 
 
 def _install_file(prefix: Path, spec: FileSpec, dry_run: bool, steps: list[Step]) -> None:
@@ -416,7 +398,6 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_uninstall(args: argparse.Namespace) -> int:
-    from kmodd.daemon.modprobe_path import ModprobePath  # noqa: PLC0415 -- see _systemctl
 
     prefix = Path(args.prefix).absolute()
     modprobe = None

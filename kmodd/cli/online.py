@@ -11,6 +11,7 @@ from kmodd import wire
 from kmodd.cli import client
 from kmodd.cli.common import print_json, wants_json
 from kmodd.cli.verbs import Verb, VerbSpec
+from kmodd.contract.status import StatusDocument, parse_status
 from kmodd.errors import KmoddError
 from kmodd.paths import make_paths
 
@@ -21,8 +22,9 @@ VERBS: tuple[VerbSpec, ...] = (
         "kmodd.cli.online:status",
         description="Ask the running kmodd for its state: pid, uptime, policy generation"
         " and hash, mode, policy files, last reload (with errors), decision counters,"
-        " kernel.modprobe, enforcement file, conflicts, devices and loaded modules the"
-        " policy denies.  Exit 1 when the daemon is not running.",
+        " kernel.modprobe, the enforcing layers, watcher and udev counters, enforcement"
+        " file, conflicts, devices and loaded modules the policy denies.  Exit 1 when the"
+        " daemon is not running.",
         epilog="examples:\n  kmodctl status\n  kmodctl status --json | jq .decisions",
     ),
     VerbSpec(
@@ -49,7 +51,7 @@ def _remote(err: wire.RemoteError) -> KmoddError:
 
 def status(args: argparse.Namespace) -> int:
     try:
-        doc = client.call(_socket(args), wire.Method.STATUS)
+        doc = parse_status(client.call(_socket(args), wire.Method.STATUS))
     except wire.RemoteError as err:
         raise _remote(err) from None
     if wants_json(args):
@@ -101,7 +103,7 @@ def _counts(counter: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in items) or "none"
 
 
-def _generation_lines(doc: dict[str, Any]) -> list[str]:
+def _generation_lines(doc: StatusDocument) -> list[str]:
     gen = doc.get("generation")
     if gen is None:
         return ["generation:  NONE (the helper decides from its last snapshot)"]
@@ -115,7 +117,7 @@ def _generation_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _reload_lines(doc: dict[str, Any]) -> list[str]:
+def _reload_lines(doc: StatusDocument) -> list[str]:
     last = doc.get("last_reload")
     if last is None:
         return []
@@ -126,16 +128,16 @@ def _reload_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _modprobe_line(doc: dict[str, Any]) -> str:
+def _modprobe_line(doc: StatusDocument) -> str:
     km = doc["kernel_modprobe"]
     if not km["managed"]:
         return "kernel.modprobe: not managed by this daemon"
     if km["points_at_helper"]:
         return f"kernel.modprobe: {km['current']} (the kmodd helper)"
-    return f"kernel.modprobe: {km['current']!r}, NOT the kmodd helper {km['expected']}"
+    return f"kernel.modprobe: {km['current']!r}, NOT the kmodd helper {km.get('expected')}"
 
 
-def _attribution_line(doc: dict[str, Any]) -> str:
+def _attribution_line(doc: StatusDocument) -> str:
     at = doc.get("attribution")
     if at is None:
         return "attribution: off (not the live system, or --no-attribution)"
@@ -147,7 +149,27 @@ def _attribution_line(doc: dict[str, Any]) -> str:
     )
 
 
-def render_status(doc: dict[str, Any]) -> str:
+def _layer_lines(doc: StatusDocument) -> list[str]:
+    layers = doc["layers"]
+    return ["layers:"] + [
+        f"  {name:<11} {'active' if state['active'] else 'INACTIVE'}: {state['reason']}"
+        for name, state in layers.items()
+    ]
+
+
+def _edges_lines(doc: StatusDocument) -> list[str]:
+    w, u = doc["watcher"], doc["udev"]
+    watcher = "off" if w is None else f"{w['errors']} failed round(s)"
+    udev = (
+        "no monitor"
+        if u is None
+        else f"{u['events']} event(s) ({u['source']}), {u['skipped']} skipped,"
+        f" {u['lost']} monitor failure(s)"
+    )
+    return [f"watcher:     {watcher}", f"udev:        {udev}"]
+
+
+def render_status(doc: StatusDocument) -> str:
     d = doc["decisions"]
     lines = [
         f"kmodd:       running, pid {doc['pid']}, up {_duration(doc['uptime_s'])}",
@@ -159,7 +181,9 @@ def render_status(doc: dict[str, Any]) -> str:
         f"journal:     {doc['journal']['dropped']} record(s) dropped",
         _attribution_line(doc),
         _modprobe_line(doc),
+        *_edges_lines(doc),
         f"enforcement: {doc['enforcement_file']}",
+        *_layer_lines(doc),
     ]
     sections = (
         ("conflicts", doc["conflicts"], lambda c: f"{c['kind']} {c['module']}: {c['detail']}"),

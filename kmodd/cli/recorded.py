@@ -16,31 +16,31 @@ import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from kmodd.daemon.journal import IDENTIFIER, MessageId
+from kmodd.contract.journal import DECISIONS, IDENTIFIER, Field, requester_facts
 from kmodd.errors import KmoddError
-from kmodd.policy.requester import F_COMM, RequesterFacts, from_fields
-from kmodd.policy.types import Source, Verdict
+from kmodd.policy.requester import RequesterFacts
+from kmodd.policy.types import Mode, Outcome, Source, Verdict
 
-DECISION_IDS = (MessageId.ALLOW, MessageId.DENY, MessageId.WOULD_DENY)
 LINE_MAX = 65536  # one decision record in JSON is ~1.5 KB
 RECORDS_MAX = 5_000_000  # a week of a busy fleet node; stop (and say so) beyond
-FIELDS = (
-    "MESSAGE_ID",
-    "KMODD_REQUEST",
-    "KMODD_VERDICT",
-    "KMODD_RULE",
-    "KMODD_MODULES",
-    "KMODD_SOURCE",
-    "KMODD_MODE",
-    "KMODD_REQUESTER_UID",
-    "KMODD_REQUESTER_EUID",
-    "KMODD_REQUESTER_GID",
-    "KMODD_REQUESTER_GROUPS",
-    "KMODD_REQUESTER_COMM",
-    "KMODD_REQUESTER_UNIT",
-    "KMODD_REQUESTER_CONTAINER",
+FIELDS = (  # what is read back (journalctl --output-fields)
+    Field.REQUEST,
+    Field.VERDICT,
+    Field.RULE,
+    Field.MODULES,
+    Field.SOURCE,
+    Field.MODE,
+    Field.REQUESTER_UID,
+    Field.REQUESTER_EUID,
+    Field.REQUESTER_GID,
+    Field.REQUESTER_GROUPS,
+    Field.REQUESTER_COMM,
+    Field.REQUESTER_UNIT,
+    Field.REQUESTER_CONTAINER,
 )
 _SOURCES = frozenset(s.value for s in Source)
+_VERDICTS = frozenset(v.value for v in Verdict)
+_MODES = frozenset(m.value for m in Mode)
 
 
 class JournalReadError(KmoddError):
@@ -62,7 +62,7 @@ class Recorded:
     request: str
     source: Source
     verdict: Verdict  # what the policy said
-    mode: str  # enforce | permissive | learn
+    mode: Mode
     rule: str
     modules: tuple[str, ...]  # the load set at the time
     requester: RequesterFacts | None
@@ -70,15 +70,12 @@ class Recorded:
     at_us: int  # __REALTIME_TIMESTAMP
 
     @property
-    def outcome(self) -> str:
-        """allow, deny (blocked) or would_deny (a deny that a non-enforcing mode let pass)."""
-        if self.verdict is Verdict.ALLOW:
-            return "allow"
-        return "deny" if self.mode == "enforce" else "would_deny"
+    def outcome(self) -> Outcome:
+        return Outcome.of(self.verdict, self.mode)
 
     @property
     def loaded(self) -> bool:
-        return self.outcome != "deny"
+        return self.outcome.loaded
 
 
 def journalctl_argv(query: JournalQuery) -> list[str]:
@@ -87,7 +84,7 @@ def journalctl_argv(query: JournalQuery) -> list[str]:
         raise JournalReadError(
             "journalctl not found", hint="install systemd, or pass --no-journal to generate"
         )
-    argv = [exe, "-o", "json", "--no-pager", f"--output-fields={','.join(FIELDS)}"]
+    argv = [exe, "-o", "json", "--no-pager", f"--output-fields=MESSAGE_ID,{','.join(FIELDS)}"]
     if query.since:
         argv.append(f"--since={query.since}")
     if query.until:
@@ -97,28 +94,30 @@ def journalctl_argv(query: JournalQuery) -> list[str]:
     if query.directory:
         argv.append(f"--directory={query.directory}")
     argv += [f"SYSLOG_IDENTIFIER={IDENTIFIER}", "_UID=0"]
-    return argv + [f"MESSAGE_ID={m.value}" for m in DECISION_IDS]
+    return argv + [f"MESSAGE_ID={m.value}" for m in DECISIONS]
 
 
 def parse_record(record: Mapping[str, object]) -> Recorded | None:
     """A decision record, or None if it is not one we understand (older, garbled)."""
-    source, verdict = record.get("KMODD_SOURCE"), record.get("KMODD_VERDICT")
-    request = record.get("KMODD_REQUEST")
-    if source not in _SOURCES or verdict not in ("allow", "deny") or not isinstance(request, str):
+    source, verdict = record.get(Field.SOURCE), record.get(Field.VERDICT)
+    request, mode = record.get(Field.REQUEST), record.get(Field.MODE) or Mode.ENFORCE.value
+    if source not in _SOURCES or verdict not in _VERDICTS or not isinstance(request, str):
+        return None
+    if mode not in _MODES:
         return None
     try:
         at_us = int(str(record.get("__REALTIME_TIMESTAMP", "0")))
     except ValueError:
         at_us = 0
-    comm = record.get(F_COMM)
+    comm = record.get(Field.REQUESTER_COMM)
     return Recorded(
         request=request,
         source=Source(str(source)),
         verdict=Verdict(str(verdict)),
-        mode=str(record.get("KMODD_MODE") or "enforce"),
-        rule=str(record.get("KMODD_RULE") or "?"),
-        modules=tuple(str(record.get("KMODD_MODULES") or "").split()),
-        requester=from_fields(record),
+        mode=Mode(str(mode)),
+        rule=str(record.get(Field.RULE) or "?"),
+        modules=tuple(str(record.get(Field.MODULES) or "").split()),
+        requester=requester_facts(record),
         comm=comm if isinstance(comm, str) and comm else None,
         at_us=at_us,
     )

@@ -27,17 +27,11 @@ from kmodd.cli.validate import load_for
 from kmodd.kmod.context import KmodContext
 from kmodd.policy import engine
 from kmodd.policy.requester import RequesterFacts
-from kmodd.policy.types import Mode, Source, Verdict
+from kmodd.policy.types import Mode, Outcome, Source
 
 DISTINCT_MAX = 100_000  # groups kept; names are attacker-chosen, the rest is counted
 
 Decider = Callable[[str, Source, RequesterFacts | None], engine.Decision]
-
-
-def outcome(verdict: Verdict, mode: Mode | str) -> str:
-    if verdict is Verdict.ALLOW:
-        return "allow"
-    return "deny" if str(mode) == Mode.ENFORCE.value else "would_deny"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +39,7 @@ class Key:
     request: str
     source: Source
     requester: RequesterFacts | None
-    before: str  # the recorded outcome
+    before: Outcome  # the recorded outcome
     rule: str  # the recorded rule
 
 
@@ -61,7 +55,7 @@ class Group:
 class Change:
     key: Key
     group: Group
-    after: str
+    after: Outcome
     decision: engine.Decision
 
 
@@ -94,7 +88,7 @@ def changes(replay: Replay, decide: Decider, mode: Mode) -> list[Change]:
     out = []
     for key, grp in replay.groups.items():
         d = decide(key.request, key.source, key.requester)
-        after = outcome(d.verdict, mode)
+        after = Outcome.of(d.verdict, mode)
         if after != key.before:
             out.append(Change(key, grp, after, d))
     return sorted(out, key=lambda c: (c.key.request, c.key.source, -c.group.count))

@@ -30,20 +30,15 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from kmodd.daemon.journal import Record
-from kmodd.policy import requester
-from kmodd.policy.requester import RequesterFacts
+from kmodd.contract.status import AttributionInfo
+from kmodd.host.proc import PROC, Requester, read_requester, spawned_by_kernel
+from kmodd.host.tracefs import EVENT_DIR, LOCKDOWN, TRACEFS_ROOTS, Availability, probe
 
-TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 INSTANCE = "kmodd"
-EVENT_DIR = "events/module/module_request"
-LOCKDOWN = Path("/sys/kernel/security/lockdown")
-PROC = Path("/proc")
 # An event not matched within this long is stale: a request_module_nowait() caller, or a
 # request whose helper never reached the daemon (snapshot fallback).
 MATCH_WINDOW_S = 5.0
@@ -51,7 +46,6 @@ LOOKUP_TIMEOUT_S = 0.25  # the longest a decision waits for its event (usually 0
 PENDING_MAX = 1024  # unmatched events kept (the kernel runs at most 50 helpers at once)
 BUFFER_KB = 64  # per-CPU ring of our instance: one event is ~100 bytes
 READ_SIZE = 65536
-PROC_READ_MAX = 65536  # /proc/PID/status is ~1.5 KB; cgroup a few hundred bytes
 STOP_MARK = "kmodd-attribution-stop"
 
 # `  comm-pid  [(tgid)]  [cpu]  [flags]  seconds.micros: module_request: NAME wait=W ...`
@@ -60,11 +54,6 @@ _LINE = re.compile(
     r"^\s*(?P<comm>.+)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\]\s+"
     r"(?:\S{1,8}\s+)?(?P<ts>\d+\.\d+):\s+module_request:\s+(?P<rest>.*)$"
 )
-_CONTAINER_CGROUP = re.compile(
-    r"(docker|libpod|containerd|crio|lxc\.payload|machine\.slice|kubepods)"
-)
-_UNIT = re.compile(r"[^/]+\.(service|scope|socket|mount|swap|timer|slice)$")
-IDENTITY_UID_MAP = ("0", "0", "4294967295")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,195 +85,6 @@ def parse_event_line(line: str) -> TraceEvent | None:
         timestamp=float(m["ts"]),
         cpu=int(m["cpu"]),
     )
-
-
-# ---------------------------------------------------------------------------------------
-# /proc
-
-
-@dataclass(frozen=True, slots=True)
-class Requester:
-    """The task that triggered a request, read from /proc while it was blocked."""
-
-    pid: int
-    tgid: int
-    comm: str
-    uid: int  # real
-    euid: int
-    gid: int
-    egid: int
-    groups: tuple[int, ...]
-    exe: str | None  # None: not readable (the daemon lacks CAP_SYS_PTRACE, kernel thread)
-    cgroup: str | None  # the cgroup v2 path ("0::" line), None on a v1-only system
-    unit: str | None  # the systemd unit the cgroup path ends in
-    userns: bool  # in a user namespace other than the initial one (uid_map not identity)
-    pidns: bool  # in a pid namespace below the initial one (NSpid has several entries)
-    container: bool  # userns, pidns, or a container manager's cgroup
-
-    @property
-    def unprivileged(self) -> bool:
-        """The real uid (initial user namespace) is not 0 (see RequesterFacts)."""
-        return self.facts().unprivileged
-
-    def facts(self) -> RequesterFacts:
-        """What policy rules may test."""
-        return RequesterFacts(self.uid, self.euid, self.gid, self.groups, self.unit, self.container)
-
-    def journal_fields(self) -> dict[str, str]:
-        """OBJECT_PID and the KMODD_REQUESTER_* fields of a decision record."""
-        out = requester.fields(self.facts(), pid=self.pid, comm=self.comm, exe=self.exe)
-        if self.cgroup is not None:
-            out[requester.F_CGROUP] = self.cgroup[:512]
-        return out
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["groups"] = list(self.groups)
-        out["unprivileged"] = self.unprivileged
-        return out
-
-
-def _read(path: Path) -> str | None:
-    try:
-        with path.open("rb") as f:
-            return f.read(PROC_READ_MAX).decode("utf-8", "replace")
-    except OSError:
-        return None
-
-
-def _status_fields(text: str) -> dict[str, list[str]]:
-    fields = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key] = value.split()
-    return fields
-
-
-def _ids(fields: dict[str, list[str]], key: str) -> tuple[int, int]:
-    values = fields.get(key) or ["-1", "-1"]
-    return int(values[0]), int(values[1] if len(values) > 1 else values[0])
-
-
-def unit_of(cgroup: str | None) -> str | None:
-    """The innermost systemd unit a cgroup path names (`/system.slice/cron.service`)."""
-    if not cgroup:
-        return None
-    for part in reversed(cgroup.strip("/").split("/")):
-        if _UNIT.search(part) and not part.endswith(".slice"):
-            return part
-    last = cgroup.rstrip("/").rsplit("/", 1)[-1]
-    return last if last.endswith(".slice") else None
-
-
-def _cgroup2(text: str | None) -> str | None:
-    for line in (text or "").splitlines():
-        if line.startswith("0::"):
-            return line[3:]
-    return None
-
-
-def _userns(uid_map: str | None) -> bool:
-    if uid_map is None:
-        return False
-    lines = [tuple(line.split()) for line in uid_map.splitlines() if line.strip()]
-    return lines != [IDENTITY_UID_MAP]
-
-
-def read_requester(pid: int, proc: Path = PROC) -> Requester | None:
-    """Read task PID from /proc (None if it is gone or unreadable)."""
-    base = proc / str(pid)
-    status = _read(base / "status")
-    if status is None:
-        return None
-    fields = _status_fields(status)
-    try:
-        uid, euid = _ids(fields, "Uid")
-        gid, egid = _ids(fields, "Gid")
-        tgid = int((fields.get("Tgid") or [str(pid)])[0])
-        groups = tuple(int(g) for g in fields.get("Groups", []))
-    except ValueError:
-        return None
-    comm = (_read(base / "comm") or " ".join(fields.get("Name", []))).rstrip("\n")
-    try:
-        exe: str | None = str((base / "exe").readlink())
-    except OSError:
-        exe = None
-    cgroup = _cgroup2(_read(base / "cgroup"))
-    userns = _userns(_read(base / "uid_map"))
-    pidns = len(fields.get("NSpid", [])) > 1
-    in_manager = cgroup is not None and _CONTAINER_CGROUP.search(cgroup) is not None
-    return Requester(
-        pid=pid,
-        tgid=tgid,
-        comm=comm,
-        uid=uid,
-        euid=euid,
-        gid=gid,
-        egid=egid,
-        groups=groups,
-        exe=exe,
-        cgroup=cgroup,
-        unit=unit_of(cgroup),
-        userns=userns,
-        pidns=pidns,
-        container=userns or pidns or in_manager,
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# What this kernel offers
-
-
-@dataclass(frozen=True, slots=True)
-class Availability:
-    """What attribution can do here; `reason` says why not when it cannot."""
-
-    tracefs: str | None  # the mounted tracefs root, None if none was found
-    event: bool  # events/module/module_request exists (CONFIG_MODULES + tracepoints)
-    instance: bool  # our instance is set up and its reader runs
-    lockdown: str | None  # the active lockdown level, None if the LSM is absent
-    reason: str | None = None
-
-    @property
-    def available(self) -> bool:
-        return self.instance
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "available": self.available}
-
-
-def lockdown_level(path: Path = LOCKDOWN) -> str | None:
-    """The bracketed level of `none [integrity] confidentiality`, or None."""
-    text = _read(path)
-    if text is None:
-        return None
-    m = re.search(r"\[(\w+)\]", text)
-    return m[1] if m else None
-
-
-def find_tracefs(roots: tuple[Path, ...] = TRACEFS_ROOTS) -> Path | None:
-    """The first root that is a mounted tracefs (it has `instances` and `events`)."""
-    for root in roots:
-        if (root / "instances").is_dir() and (root / "events").is_dir():
-            return root
-    return None
-
-
-def probe(roots: tuple[Path, ...] = TRACEFS_ROOTS, lockdown: Path = LOCKDOWN) -> Availability:
-    """What this kernel offers, without creating anything (kmodctl explain, status)."""
-    level = lockdown_level(lockdown)
-    root = find_tracefs(roots)
-    if root is None:
-        why = "tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)"
-        if level == "confidentiality":
-            why = "kernel lockdown=confidentiality forbids tracefs"
-        return Availability(None, False, False, level, why)
-    event = (root / EVENT_DIR / "enable").exists()
-    why = "attribution is not running"
-    if not event:
-        why = "no module:module_request event (a kernel without module support?)"
-    return Availability(str(root), event, False, level, why)
 
 
 # ---------------------------------------------------------------------------------------
@@ -457,9 +257,24 @@ class Attributor:
             "margin_ms_min": None if margin is None else round(margin * 1000, 3),
         }
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> AttributionInfo:
         """For `kmodctl status`: what is available, the counters and the timings."""
-        return {**self._availability.as_dict(), **self.counters(), **self.timings()}
+        a, margin = self._availability, self.margin_s_min
+        return AttributionInfo(
+            tracefs=a.tracefs,
+            event=a.event,
+            instance=a.instance,
+            lockdown=a.lockdown,
+            reason=a.reason,
+            available=a.available,
+            events=self.events,
+            matched=self.matched,
+            unmatched=self.unmatched,
+            gone=self.gone,
+            wait_ms_max=round(self.wait_s_max * 1000, 3),
+            read_ms_max=round(self.read_s_max * 1000, 3),
+            margin_ms_min=None if margin is None else round(margin * 1000, 3),
+        )
 
     def stop(self) -> None:
         """Disable the event, wake and end the reader, remove our instance."""
@@ -498,34 +313,3 @@ def _write(path: Path, text: str) -> None:
 def _truncate(path: Path) -> None:
     """Opening a tracefs `trace` file with O_TRUNC clears the instance's buffer."""
     os.close(os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC))
-
-
-def spawned_by_kernel(pid: int, proc: Path = PROC) -> bool:
-    """PID's parent is a kernel thread (empty cmdline): a usermode helper the kernel ran.
-    Only such a peer has a module_request event to wait for; a helper run by hand (or a
-    test client of decide.sock) must not make the decision wait."""
-    status = _read(proc / str(pid) / "status")
-    if status is None:
-        return False
-    ppid = (_status_fields(status).get("PPid") or ["0"])[0]
-    if ppid in ("0", "1"):  # pid 1 is never the kernel's worker; 0: no parent (pid 1)
-        return False
-    cmdline = _read(proc / ppid / "cmdline")
-    return cmdline == ""
-
-
-def unknown_fields(availability: Availability, reason: str | None = None) -> dict[str, str]:
-    """The KMODD_REQUESTER field of a decision whose requester is not known."""
-    why = reason or availability.reason or "no module_request event matched in time"
-    return {requester.F_UNKNOWN: f"unknown: {why}"[:200]}
-
-
-def annotate(record: Record, who: Requester | None, extra: Mapping[str, str]) -> Record:
-    """RECORD (a cached decision record) with this request's requester fields EXTRA and,
-    when known, who asked at the end of its MESSAGE."""
-    if not extra:
-        return record
-    message = record.message
-    if who is not None:
-        message += f" (requested by {who.comm}[{who.pid}] uid {who.uid})"
-    return Record(record.message_id, record.priority, message, {**record.fields, **extra})

@@ -19,12 +19,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from kmodd import helper, wire
-from kmodd.daemon import attribution, records
-from kmodd.daemon.atomic import write_atomic
-from kmodd.daemon.attribution import Attributor, Requester
+from kmodd.atomic import write_atomic
+from kmodd.contract.journal import Priority, Record
+from kmodd.daemon import records
+from kmodd.daemon.attribution import Attributor
 from kmodd.daemon.events import (
     Event,
     FilesChanged,
@@ -43,40 +43,18 @@ from kmodd.daemon.generation import (
     error_lines,
     publish,
 )
-from kmodd.daemon.journal import JournalSink, Priority, Record
+from kmodd.daemon.journal import JournalSink
+from kmodd.daemon.ports import ModprobePathLike, NotifierLike, TamperLike, UdevLike, WatcherLike
 from kmodd.daemon.server import Kind, Peer, Server
 from kmodd.errors import KmoddError
+from kmodd.host.proc import Requester
 from kmodd.paths import Paths
 from kmodd.policy.engine import Decision
-from kmodd.policy.types import Mode, Source, Verdict
+from kmodd.policy.types import Source, Verdict
 
 DEVICES_MAX = 8192  # devices remembered for status (a server has a few hundred)
 TICK_S = 5.0  # tamper check and STATUS= refresh; the watchdog may ask for a shorter one
 Reply = Callable[[str | None], None]
-
-
-class NotifierLike(Protocol):
-    def ready(self, status: str) -> bool: ...
-    def reloading(self) -> bool: ...
-    def status(self, text: str) -> bool: ...
-    def watchdog(self) -> bool: ...
-    def stopping(self, status: str | None = None) -> bool: ...
-    @property
-    def watchdog_ping_interval_s(self) -> float | None: ...
-
-
-class TamperLike(Protocol):
-    @property
-    def ok(self) -> bool: ...
-    @property
-    def current(self) -> str | None: ...
-    @property
-    def expected(self) -> str: ...
-
-
-class ModprobePathLike(Protocol):
-    def check(self) -> TamperLike: ...
-    def install(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +94,7 @@ class Stats:
 
 def verdict_key(d: Decision) -> str:
     """allow, deny, or would_deny (a deny in permissive mode)."""
-    if d.verdict is Verdict.ALLOW or d.mode is Mode.ENFORCE:
-        return d.verdict.value
-    return "would_deny"
+    return d.outcome.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +117,9 @@ class Edges:
     recoldplug: Callable[[], None] | None = None
     reassert: bool = False  # re-point kernel.modprobe at the helper after tampering
     attributor: Attributor | None = None  # who asked (tracefs); None: not attempted
+    udev: UdevLike | None = None  # the running uevent monitor
+    watcher: WatcherLike | None = None  # the running file watcher
+    static_usermodehelper: str | None = None  # the kernel bypasses kernel.modprobe: why
     clock: Callable[[], float] = time.monotonic
 
 
@@ -359,7 +338,7 @@ class Core:
         else:
             answer = self._cached_answer(gen, name)
         self.stats.count_keys(answer.verdict, answer.rule, "kernel")
-        self.sink.emit(attribution.annotate(answer.record, who, extra))
+        self.sink.emit(records.annotate(answer.record, who, extra))
         return answer.reply
 
     def _cached_answer(self, gen: Generation, name: bytes) -> _Answer:
@@ -377,13 +356,13 @@ class Core:
             return None, {}
         found = at.availability()
         if not found.available:
-            return None, attribution.unknown_fields(found)
+            return None, records.unknown_requester(found)
         if not at.kernel_spawned(peer.pid):
-            return None, attribution.unknown_fields(found, "the helper was not run by the kernel")
+            return None, records.unknown_requester(found, "the helper was not run by the kernel")
         who = at.lookup(name.decode("ascii"))
         if who is None:
-            return None, attribution.unknown_fields(found, "no module_request event matched")
-        return who, who.journal_fields()
+            return None, records.unknown_requester(found, "no module_request event matched")
+        return who, records.requester(who)
 
     def _answer(self, gen: Generation, name: bytes) -> _Answer:
         if self._answers_gen is not gen:

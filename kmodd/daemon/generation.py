@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodd import helper
-from kmodd.daemon.atomic import write_atomic
+from kmodd.atomic import write_atomic
 from kmodd.errors import InvalidInputError, KmoddError
+from kmodd.host.cmdline import PROC_CMDLINE, read_mode_override
 from kmodd.kmod.context import KmodContext, config_dirs, config_key, index_key
 from kmodd.kmod.model import Resolution
 from kmodd.kmod.provenance import Provenance
@@ -44,7 +45,7 @@ MASK_DIR = "kmod-mask"  # in the runtime dir: hides our own enforcement file fro
 class BuildOptions:
     modprobe: str = helper.DEFAULT_MODPROBE  # the real modprobe, for the snapshot header
     deny_stub: str = compiler.DEFAULT_DENY_STUB  # `install NAME STUB NAME` (layer 2)
-    cmdline: Path = Path("/proc/cmdline")  # kmodd.mode=permissive escape hatch
+    cmdline: Path = PROC_CMDLINE  # kmodd.mode=permissive escape hatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +115,6 @@ def error_lines(err: BaseException) -> list[str]:
     if isinstance(err, OSError) and err.filename is not None:
         return [f"{err.filename}: {err.strerror}"]
     return [f"internal error: {type(err).__name__}: {err}"]
-
-
-def read_mode_override(cmdline: Path) -> Mode | None:
-    try:
-        text = cmdline.read_text(errors="replace")
-    except OSError:
-        return None
-    return engine.mode_override(text)
 
 
 def _config_paths(paths: Paths) -> tuple[str, ...]:

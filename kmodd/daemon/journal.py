@@ -3,7 +3,8 @@
 Decide first, log after (design §5.3): `JournalSink.emit` only puts the record on a bounded
 queue; one writer thread sends it to journald's native socket (or to stderr without a
 journald socket).  A full queue drops the record and counts it -- a decision never waits
-for the journal.  Every MESSAGE_ID is documented in docs/journal.md and systemd/kmodd.catalog.
+for the journal.  What a record holds is kmodd.contract.journal (the schema: every
+MESSAGE_ID and field, checked against docs/journal.md and systemd/kmodd.catalog).
 """
 
 from __future__ import annotations
@@ -16,48 +17,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from enum import IntEnum, StrEnum
+from dataclasses import dataclass
 from typing import TextIO
 
-IDENTIFIER = "kmodd"
+from kmodd.contract.journal import IDENTIFIER, Record
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 BATCH_PAUSE_S = 0.005  # records reach journald at most this much later than decided
 NATIVE_VALUE_MAX = 16 << 10  # per field, only when a record exceeds the datagram limit
 QUEUE_MAX = 8192  # ~1.6 s of the 5,000 decisions/s goal if journald stalls completely
-
-
-class MessageId(StrEnum):
-    """Stable per event type; never change a value (users filter on them)."""
-
-    ALLOW = "8bd2e8ad851f41c691d60a6769ff481b"
-    DENY = "3fd47b15f71a497a96fce61bb48c2e03"
-    WOULD_DENY = "9a9705a46d7f4c43be225164cbef514e"
-    RELOAD_OK = "e85821c83b0b4d1ea1242595920b38f6"
-    RELOAD_FAILED = "75f0bddb413247d68fb3ada830a519fa"
-    CONFLICT = "697fd0b86e9243698e3d137fc76d9920"
-    FALLBACK = "0413ef2892df42c293ed6b87dbe9063b"
-    TAMPER = "6a908a442ccd4ab98a73e91b8ea8091d"
-    START = "b98b4780cf534ac4bf943b4aa2290c3b"
-    STOP = "1626f6b5e39b4b398aa0354110b92850"
-    REFUSED = "1a6d939937784e3793b6d00de945a7f4"  # a socket peer was refused
-    NOTICE = "b3a56f075e5841ac958992ec21739b68"  # anything else worth a line
-
-
-class Priority(IntEnum):
-    ERR = 3
-    WARNING = 4
-    NOTICE = 5
-    INFO = 6
-    DEBUG = 7
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    message_id: MessageId
-    priority: Priority
-    message: str
-    fields: Mapping[str, str] = field(default_factory=dict)  # KMODD_* -> value
 
 
 Sender = Callable[[Record], None]

@@ -19,19 +19,20 @@ from pathlib import Path
 from types import FrameType
 
 from kmodd import __version__, helper
+from kmodd.contract.journal import Priority
 from kmodd.daemon import records
 from kmodd.daemon.attribution import INSTANCE, Attributor
 from kmodd.daemon.core import Core, Edges
 from kmodd.daemon.events import ReloadCause, ReloadRequested, Stop
 from kmodd.daemon.generation import BuildOptions
-from kmodd.daemon.journal import JournalSink, Priority, default_sender, stream_sender
-from kmodd.daemon.modprobe_path import PROC_MODPROBE, ModprobePath, static_usermodehelper
+from kmodd.daemon.journal import JournalSink, default_sender, stream_sender
 from kmodd.daemon.notify import Notifier
 from kmodd.daemon.relay import NotifyRelay
 from kmodd.daemon.server import Kind, Server, activated_sockets, bind_unix, prepare_runtime_dir
 from kmodd.errors import KmoddError
-from kmodd.paths import Paths, make_paths
-from kmodd.policy.compiler import DEFAULT_HELPER_PATH
+from kmodd.host.kconfig import static_usermodehelper
+from kmodd.host.modprobe_path import PROC_MODPROBE, ModprobePath
+from kmodd.paths import HELPER_PATH, Paths, make_paths
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 Cleanup = list[Callable[[], object]]
@@ -55,7 +56,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--helper-path",
-        default=DEFAULT_HELPER_PATH,
+        default=HELPER_PATH,
         metavar="PATH",
         help="the installed helper, for kernel.modprobe and the deny stub",
     )
@@ -132,6 +133,7 @@ def _modprobe_path(args: argparse.Namespace, paths: Paths, core: Core) -> None:
     """Point kernel.modprobe at the helper (live root only) and say what the kernel does."""
     warning = static_usermodehelper(paths.release, paths.root)
     if warning is not None:
+        core.edges.static_usermodehelper = warning
         core.notes.append(warning)
         core.sink.emit(records.notice(warning, Priority.WARNING))
     # With --root the sysctl is only touched when named explicitly (tests, images).
@@ -165,6 +167,7 @@ def _watcher(args: argparse.Namespace, paths: Paths, core: Core, cleanup: Cleanu
         paths.enforcement_file.parent.mkdir(mode=0o755, exist_ok=True)
     watcher = Watcher(paths, core.post)
     watcher.start()
+    core.edges.watcher = watcher
     cleanup.append(watcher.stop)
 
 
@@ -182,6 +185,7 @@ def _udev(args: argparse.Namespace, paths: Paths, core: Core, cleanup: Cleanup) 
         core.sink.emit(records.notice(f"udev monitor unavailable: {err}", Priority.WARNING))
         return
     cleanup.append(source.stop)
+    core.edges.udev = source
 
     def coldplug() -> None:
         for device in source.coldplug():

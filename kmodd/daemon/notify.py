@@ -72,6 +72,10 @@ class Notifier:
         self.failures = 0  # sends that did not reach the manager (shown in status)
 
     @property
+    def dropped(self) -> int:
+        return self.failures
+
+    @property
     def enabled(self) -> bool:
         return self.socket_path is not None
 

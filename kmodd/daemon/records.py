@@ -1,65 +1,96 @@
-"""Journal records of the daemon's events (design §5.3; docs/journal.md lists every field)."""
+"""Journal records of the daemon's events, written from the schema (kmodd.contract.journal:
+every MESSAGE_ID, priority and field; docs/journal.md lists them for users)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from kmodd.contract.journal import (
+    Field,
+    Fields,
+    MessageId,
+    Priority,
+    Record,
+    requester_fields,
+    requester_unknown,
+)
 from kmodd.daemon.events import UdevDevice
-from kmodd.daemon.journal import MessageId, Priority, Record
+from kmodd.host.proc import Requester
+from kmodd.host.tracefs import Availability
 from kmodd.policy.engine import Decision
-from kmodd.policy.types import Mode, Verdict
+from kmodd.policy.types import Mode, Outcome
 
-_ALLOW = (MessageId.ALLOW, Priority.INFO, "allowed")
-_DENY = (MessageId.DENY, Priority.WARNING, "denied")
-_WOULD_DENY = (MessageId.WOULD_DENY, Priority.NOTICE, "would deny (permissive)")
+
+def _priority(message_id: MessageId) -> Priority:
+    assert message_id.priority is not None  # only NOTICE varies; it is never decided here
+    return message_id.priority
 
 
 def decision(
     d: Decision, generation: int, device: UdevDevice | None = None, peer_pid: int | None = None
 ) -> Record:
-    """One decision.  KMODD_VERDICT is the policy's verdict; KMODD_MODE says whether it was
-    enforced (a permissive deny is logged with the WOULD_DENY id and the load proceeds)."""
-    if d.verdict is Verdict.ALLOW:
-        message_id, priority, verb = _ALLOW
-    elif d.mode is not Mode.ENFORCE:
-        message_id, priority, verb = _WOULD_DENY
-        verb = f"would deny ({d.mode})"
-    else:
-        message_id, priority, verb = _DENY
-    fields = {
-        "KMODD_REQUEST": d.request,
-        "KMODD_VERDICT": d.verdict.value,
-        "KMODD_RULE": d.rule,
-        "KMODD_MODULES": " ".join(d.load_set or d.modules),
-        "KMODD_SOURCE": d.source.value,
-        "KMODD_MODE": d.mode.value,
-        "KMODD_POLICY_GENERATION": str(generation),
-        "KMODD_REASON": d.reason,
-        "KMODD_CLASS": d.request_class.value,
+    """One decision.  KMODD_VERDICT is the policy's verdict; the MESSAGE_ID (and KMODD_MODE)
+    say whether it was enforced (a permissive deny is a WOULD_DENY and the load proceeds)."""
+    outcome = d.outcome
+    message_id = MessageId.for_outcome(outcome)
+    verb = {Outcome.ALLOW: "allowed", Outcome.DENY: "denied"}.get(outcome, f"would deny ({d.mode})")
+    fields: Fields = {
+        Field.REQUEST: d.request,
+        Field.VERDICT: d.verdict.value,
+        Field.RULE: d.rule,
+        Field.MODULES: " ".join(d.load_set or d.modules),
+        Field.SOURCE: d.source.value,
+        Field.MODE: d.mode.value,
+        Field.GENERATION: str(generation),
+        Field.REASON: d.reason,
+        Field.CLASS: d.request_class.value,
     }
     if d.module is not None:
-        fields["KMODD_MODULE"] = d.module
+        fields[Field.MODULE] = d.module
     shown = d.request
     if device is not None:
-        fields["KMODD_DEVPATH"] = device.devpath
-        fields["KMODD_SUBSYSTEM"] = device.subsystem
-        fields["KMODD_UDEV_ACTION"] = device.action
+        fields[Field.DEVPATH] = device.devpath
+        fields[Field.SUBSYSTEM] = device.subsystem
+        fields[Field.UDEV_ACTION] = device.action
         shown = f"{device.devpath} ({d.request[:80]})"
     if peer_pid is not None:
-        fields["KMODD_PEER_PID"] = str(peer_pid)
-    return Record(message_id, priority, f"{verb} {shown}: {d.reason}", fields)
+        fields[Field.PEER_PID] = str(peer_pid)
+    return Record(message_id, _priority(message_id), f"{verb} {shown}: {d.reason}", fields)
+
+
+def requester(who: Requester) -> Fields:
+    """OBJECT_PID and the KMODD_REQUESTER_* fields of a known requester."""
+    return requester_fields(who.facts(), pid=who.pid, comm=who.comm, exe=who.exe, cgroup=who.cgroup)
+
+
+def unknown_requester(availability: Availability, reason: str | None = None) -> Fields:
+    """The KMODD_REQUESTER field of a kernel decision whose requester is not known."""
+    return requester_unknown(
+        reason or availability.reason or "no module_request event matched in time"
+    )
+
+
+def annotate(record: Record, who: Requester | None, extra: Mapping[str, str]) -> Record:
+    """RECORD (a cached decision record) with this request's requester fields EXTRA and,
+    when known, who asked at the end of its MESSAGE."""
+    if not extra:
+        return record
+    message = record.message
+    if who is not None:
+        message += f" (requested by {who.comm}[{who.pid}] uid {who.uid})"
+    return Record(record.message_id, record.priority, message, {**record.fields, **extra})
 
 
 def reload_ok(generation: int, content_hash: str, cause: str, mode: Mode, files: int) -> Record:
     return Record(
         MessageId.RELOAD_OK,
-        Priority.INFO,
+        _priority(MessageId.RELOAD_OK),
         f"policy generation {generation} active ({mode.value}, {files} file(s), {cause})",
         {
-            "KMODD_POLICY_GENERATION": str(generation),
-            "KMODD_POLICY_HASH": content_hash,
-            "KMODD_RELOAD_CAUSE": cause,
-            "KMODD_MODE": mode.value,
+            Field.GENERATION: str(generation),
+            Field.POLICY_HASH: content_hash,
+            Field.RELOAD_CAUSE: cause,
+            Field.MODE: mode.value,
         },
     )
 
@@ -68,12 +99,12 @@ def reload_failed(errors: Sequence[str], cause: str, kept: int | None) -> Record
     kept_text = f"keeping generation {kept}" if kept is not None else "no generation active"
     return Record(
         MessageId.RELOAD_FAILED,
-        Priority.ERR,
+        _priority(MessageId.RELOAD_FAILED),
         f"reload failed ({cause}), {kept_text}:\n" + "\n".join(errors),
         {
-            "KMODD_ERRORS": "\n".join(errors),
-            "KMODD_RELOAD_CAUSE": cause,
-            "KMODD_POLICY_GENERATION": "" if kept is None else str(kept),
+            Field.ERRORS: "\n".join(errors),
+            Field.RELOAD_CAUSE: cause,
+            Field.GENERATION: "" if kept is None else str(kept),
         },
     )
 
@@ -81,41 +112,42 @@ def reload_failed(errors: Sequence[str], cause: str, kept: int | None) -> Record
 def conflict(text: str, kind: str, module: str, generation: int) -> Record:
     return Record(
         MessageId.CONFLICT,
-        Priority.WARNING,
+        _priority(MessageId.CONFLICT),
         text,
         {
-            "KMODD_CONFLICT": kind,
-            "KMODD_MODULE": module,
-            "KMODD_POLICY_GENERATION": str(generation),
+            Field.CONFLICT: kind,
+            Field.MODULE: module,
+            Field.GENERATION: str(generation),
         },
     )
 
 
 def fallback(text: str) -> Record:
-    return Record(MessageId.FALLBACK, Priority.WARNING, text, {})
+    return Record(MessageId.FALLBACK, _priority(MessageId.FALLBACK), text, {})
 
 
 def tamper(expected: str, current: str | None, reasserted: bool) -> Record:
     action = "re-asserted" if reasserted else "left alone"
     return Record(
         MessageId.TAMPER,
-        Priority.ERR,
+        _priority(MessageId.TAMPER),
         f"kernel.modprobe is {current!r}, not the kmodd helper {expected} ({action})",
-        {"KMODD_EXPECTED": expected, "KMODD_CURRENT": current or ""},
+        {Field.EXPECTED: expected, Field.CURRENT: current or ""},
     )
 
 
 def refused(socket_kind: str, pid: int, uid: int, what: str) -> Record:
     return Record(
         MessageId.REFUSED,
-        Priority.WARNING,
+        _priority(MessageId.REFUSED),
         f"refused {socket_kind} peer pid {pid} uid {uid}: {what}",
-        {"KMODD_SOCKET": socket_kind, "KMODD_PEER_PID": str(pid), "KMODD_PEER_UID": str(uid)},
+        {Field.SOCKET: socket_kind, Field.PEER_PID: str(pid), Field.PEER_UID: str(uid)},
     )
 
 
 def lifecycle(start: bool, text: str) -> Record:
-    return Record(MessageId.START if start else MessageId.STOP, Priority.NOTICE, text, {})
+    message_id = MessageId.START if start else MessageId.STOP
+    return Record(message_id, _priority(message_id), text, {})
 
 
 def notice(text: str, priority: Priority = Priority.NOTICE) -> Record:

@@ -15,7 +15,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from kmodd.daemon.core import NotifierLike
+from kmodd.daemon.ports import NotifierLike
 
 RELAY_MAX = 64
 

@@ -13,10 +13,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kmodd import wire
+from kmodd.contract.status import (
+    ConflictInfo,
+    DeviceDenied,
+    GenerationInfo,
+    KernelModprobe,
+    Layers,
+    LayerState,
+    LoadedDenied,
+    ReloadInfo,
+    StatusDocument,
+    UdevInfo,
+    WatcherInfo,
+)
 from kmodd.daemon import records
+from kmodd.daemon.generation import Conflict
 from kmodd.daemon.server import Peer
 from kmodd.policy.engine import Decision
-from kmodd.policy.types import Source, Verdict
+from kmodd.policy.types import Mode, Source, Verdict
 
 if TYPE_CHECKING:
     from kmodd.daemon.core import Core
@@ -93,53 +107,110 @@ def decide(core: Core, params: dict[str, Any], peer: Peer, *, log: bool) -> byte
     return wire.encode_reply(decision_dict(d, gen.number))
 
 
-def _generation(core: Core) -> dict[str, Any] | None:
+def _generation(core: Core) -> GenerationInfo | None:
     gen = core.generation
     if gen is None:
         return None
-    return {
-        "number": gen.number,
-        "hash": gen.hash,
-        "policy_hash": gen.policy.hash,
-        "created": gen.created,
-        "mode": gen.mode.value,
-        "policy_mode": gen.policy.mode.value,
-        "mode_overridden": gen.mode_overridden,
-        "default": gen.compiled.default.value,
-        "files": list(gen.compiled.files),
-        "masked": list(gen.policy.masked),
-        "rules": len(gen.compiled.rules),
-        "denied_modules": len(gen.denied_modules),
-    }
+    return GenerationInfo(
+        number=gen.number,
+        hash=gen.hash,
+        policy_hash=gen.policy.hash,
+        created=gen.created,
+        mode=gen.mode.value,
+        policy_mode=gen.policy.mode.value,
+        mode_overridden=gen.mode_overridden,
+        default=gen.compiled.default.value,
+        files=list(gen.compiled.files),
+        masked=list(gen.policy.masked),
+        rules=len(gen.compiled.rules),
+        denied_modules=len(gen.denied_modules),
+    )
 
 
-def _last_reload(core: Core) -> dict[str, Any] | None:
+def _last_reload(core: Core) -> ReloadInfo | None:
     r = core.last_reload
     if r is None:
         return None
-    return {
-        "ok": r.ok,
-        "cause": r.cause,
-        "at": r.at,
-        "duration_s": round(r.duration_s, 3),
-        "generation": r.generation,
-        "errors": list(r.errors),
-    }
+    return ReloadInfo(
+        ok=r.ok,
+        cause=r.cause,
+        at=r.at,
+        duration_s=round(r.duration_s, 3),
+        generation=r.generation,
+        errors=list(r.errors),
+    )
 
 
-def _kernel_modprobe(core: Core) -> dict[str, Any]:
+def _kernel_modprobe(core: Core) -> KernelModprobe:
     state = core.tamper
     if core.edges.modprobe_path is None or state is None:
-        return {"managed": False, "points_at_helper": None, "current": None}
+        return KernelModprobe(managed=False, points_at_helper=None, current=None)
+    return KernelModprobe(
+        managed=True, points_at_helper=state.ok, current=state.current, expected=state.expected
+    )
+
+
+def _helper_layer(core: Core) -> LayerState:
+    """Layer 1: the kernel runs the helper for every request_module()."""
+    if core.edges.static_usermodehelper is not None:
+        return LayerState(active=False, reason="CONFIG_STATIC_USERMODEHELPER=y: not used")
+    state = core.tamper
+    if core.edges.modprobe_path is None or state is None:
+        return LayerState(active=False, reason="kernel.modprobe is not managed by this daemon")
+    if not state.ok:
+        return LayerState(active=False, reason=f"kernel.modprobe is {state.current!r}")
+    return LayerState(active=True, reason=f"kernel.modprobe points at {state.expected}")
+
+
+def _modprobe_d_layer(core: Core) -> LayerState:
+    """Layer 2: kmod (udev, modules-load, an admin's modprobe) reads the rendered file."""
+    gen, path = core.generation, core.paths.enforcement_file
+    if gen is None:
+        return LayerState(active=False, reason="no policy generation")
+    if gen.mode is not Mode.ENFORCE:
+        return LayerState(active=False, reason=f"mode {gen.mode.value}: nothing is rendered")
+    try:
+        in_place = path.read_text() == gen.enforcement
+    except OSError:
+        in_place = False
+    if not in_place:
+        return LayerState(active=False, reason=f"{path} does not hold generation {gen.number}")
+    return LayerState(active=True, reason=f"{path} ({len(gen.denied_modules)} denied modules)")
+
+
+def _udev_layer(core: Core) -> LayerState:
+    udev = core.edges.udev
+    if udev is None:
+        return LayerState(active=False, reason="no uevent monitor (--no-udev, or it failed)")
+    return LayerState(active=True, reason=f"uevent monitor running ({udev.source} events)")
+
+
+def layers(core: Core) -> Layers:
+    """One entry per enforcing layer (design.md §5.4), from what this daemon knows."""
     return {
-        "managed": True,
-        "points_at_helper": state.ok,
-        "current": state.current,
-        "expected": state.expected,
+        "kernel": LayerState(active=False, reason="not implemented yet (BPF LSM layer)"),
+        "helper": _helper_layer(core),
+        "modprobe_d": _modprobe_d_layer(core),
+        "udev": _udev_layer(core),
     }
 
 
-def devices_denied(core: Core) -> list[dict[str, Any]]:
+def _watcher(core: Core) -> WatcherInfo | None:
+    w = core.edges.watcher
+    return None if w is None else WatcherInfo(running=True, errors=w.errors)
+
+
+def _udev(core: Core) -> UdevInfo | None:
+    udev = core.edges.udev
+    if udev is None:
+        return None
+    c = udev.counters
+    return UdevInfo(
+        running=True, source=udev.source, events=c.events, skipped=c.skipped, lost=c.lost
+    )
+
+
+def devices_denied(core: Core) -> list[DeviceDenied]:
     gen = core.generation
     if gen is None:
         return []
@@ -148,18 +219,18 @@ def devices_denied(core: Core) -> list[dict[str, Any]]:
         d = gen.decide(dev.modalias, Source.UDEV)
         if d.verdict is Verdict.DENY:
             out.append(
-                {
-                    "devpath": devpath,
-                    "subsystem": dev.subsystem,
-                    "modalias": dev.modalias,
-                    "modules": list(d.modules),
-                    "rule": d.rule,
-                }
+                DeviceDenied(
+                    devpath=devpath,
+                    subsystem=dev.subsystem,
+                    modalias=dev.modalias,
+                    modules=list(d.modules),
+                    rule=d.rule,
+                )
             )
     return out
 
 
-def loaded_denied(core: Core, proc_modules: Path | None = None) -> list[dict[str, str]]:
+def loaded_denied(core: Core, proc_modules: Path | None = None) -> list[LoadedDenied]:
     """Modules loaded right now (ROOT/proc/modules) that the policy denies."""
     gen = core.generation
     if gen is None:
@@ -176,44 +247,47 @@ def loaded_denied(core: Core, proc_modules: Path | None = None) -> list[dict[str
             continue
         d = gen.decide(name, Source.KERNEL)
         if d.verdict is Verdict.DENY:
-            out.append({"module": name, "rule": d.rule, "reason": d.reason})
+            out.append(LoadedDenied(module=name, rule=d.rule, reason=d.reason))
     return out
 
 
-def status(core: Core) -> dict[str, Any]:
+def status(core: Core) -> StatusDocument:
     gen = core.generation
     stats = core.stats
-    return {
-        "pid": os.getpid(),
-        "uptime_s": round(time.time() - core.started, 3),
-        "started": core.started,
-        "root": str(core.paths.root),
-        "release": core.paths.release,
-        "runtime_dir": str(core.paths.runtime_dir),
-        "generation": _generation(core),
-        "mode": None if gen is None else gen.mode.value,
-        "last_reload": _last_reload(core),
-        "decisions": {
+    return StatusDocument(
+        pid=os.getpid(),
+        uptime_s=round(time.time() - core.started, 3),
+        started=core.started,
+        root=str(core.paths.root),
+        release=core.paths.release,
+        runtime_dir=str(core.paths.runtime_dir),
+        generation=_generation(core),
+        mode=None if gen is None else gen.mode.value,
+        last_reload=_last_reload(core),
+        decisions={
             "verdicts": dict(stats.verdicts),
             "rules": dict(stats.rules),
             "sources": dict(stats.sources),
             "invalid_names": stats.invalid_names,
             "no_generation": stats.no_generation,
         },
-        "journal": {"dropped": core.sink.dropped, "failed": core.sink.failed},
-        "server": {"refused_over_limit": core.server_overflows},
-        # sd_notify messages the relay dropped because the manager stopped reading
-        "notify": {"dropped": int(getattr(core.edges.notifier, "dropped", 0))},
-        "kernel_modprobe": _kernel_modprobe(core),
-        "enforcement_file": str(core.paths.enforcement_file),
-        "snapshot": str(core.paths.snapshot),
-        "conflicts": [] if gen is None else [vars_(c) for c in gen.conflicts],
-        "devices_denied": devices_denied(core),
-        "loaded_denied": loaded_denied(core),
-        "notes": list(core.notes),
-        "attribution": None if core.edges.attributor is None else core.edges.attributor.status(),
-    }
+        journal={"dropped": core.sink.dropped, "failed": core.sink.failed},
+        server={"refused_over_limit": core.server_overflows},
+        # sd_notify messages the notifier dropped because the manager stopped reading
+        notify={"dropped": core.edges.notifier.dropped},
+        kernel_modprobe=_kernel_modprobe(core),
+        enforcement_file=str(core.paths.enforcement_file),
+        snapshot=str(core.paths.snapshot),
+        conflicts=[] if gen is None else [_conflict(c) for c in gen.conflicts],
+        devices_denied=devices_denied(core),
+        loaded_denied=loaded_denied(core),
+        notes=list(core.notes),
+        attribution=None if core.edges.attributor is None else core.edges.attributor.status(),
+        layers=layers(core),
+        watcher=_watcher(core),
+        udev=_udev(core),
+    )
 
 
-def vars_(conflict: object) -> dict[str, Any]:
-    return {k: getattr(conflict, k) for k in ("kind", "module", "detail")}
+def _conflict(c: Conflict) -> ConflictInfo:
+    return ConflictInfo(kind=c.kind, module=c.module, detail=c.detail)

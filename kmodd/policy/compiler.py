@@ -19,6 +19,7 @@ from typing import Protocol
 
 from kmodd import helper
 from kmodd.kmod.model import Resolution
+from kmodd.paths import HELPER_PATH
 from kmodd.policy.engine import (
     CompiledPolicy,
     CompiledRule,
@@ -27,41 +28,15 @@ from kmodd.policy.engine import (
     decide,
     is_glob,
 )
+from kmodd.policy.requests import KERNEL_REQUEST_PREFIXES
 from kmodd.policy.types import Mode, Source, Verdict
 
-DEFAULT_HELPER_PATH = "/usr/local/libexec/kmodd/kmodd-modprobe"
 # kmod runs install commands through /bin/sh -c without appending the name, so the
 # renderer appends it: `install NAME STUB NAME` runs `STUB NAME` = `helper --deny NAME`.
-DEFAULT_DENY_STUB = f"{DEFAULT_HELPER_PATH} --deny"
+DEFAULT_DENY_STUB = f"{HELPER_PATH} --deny"
 # Names written into a shell command line must be inert: module names and kernel
 # request names are [A-Za-z0-9_.:-]; anything else is left out (and said so).
 _SHELL_SAFE = re.compile(r"^[A-Za-z0-9_.:+-]{1,128}$")
-# Normalized prefixes of the names request_module() sends (research/kmod.md §4.3): the
-# exact aliases with these prefixes go into the snapshot next to every module name.
-KERNEL_REQUEST_PREFIXES = (
-    "net_pf_",
-    "fs_",
-    "crypto_",
-    "algif_",
-    "cryptomgr",
-    "char_major_",
-    "block_major_",
-    "tty_ldisc_",
-    "rtnl_link_",
-    "rtnl_",
-    "nf_",
-    "nft_",
-    "nfnetlink_",
-    "nfct_",
-    "tcp_ulp_",
-    "netdev_",
-    "binfmt_",
-    "sound_slot_",
-    "sound_service_",
-    "ip_set_",
-    "xfrm_",
-)
-
 DecideFn = Callable[[Request, Resolution, CompiledPolicy], Decision]
 
 

@@ -35,7 +35,7 @@ from kmodd.helper import normalize
 from kmodd.kmod.model import Resolution
 from kmodd.policy.requester import RequesterFacts, RequesterMatcher
 from kmodd.policy.requests import RequestClass, classify
-from kmodd.policy.types import Mode, Source, Verdict
+from kmodd.policy.types import Mode, Outcome, Source, Verdict
 
 if TYPE_CHECKING:
     from kmodd.policy.model import PolicySet, RequesterMatch
@@ -227,6 +227,11 @@ class Decision:
     def effective(self) -> Verdict:
         """What happens: permissive and learn modes turn every deny into allow."""
         return self.verdict if self.mode is Mode.ENFORCE else Verdict.ALLOW
+
+    @property
+    def outcome(self) -> Outcome:
+        """allow, deny (blocked) or would_deny (see Outcome)."""
+        return Outcome.of(self.verdict, self.mode)
 
     @property
     def would_deny(self) -> bool:

@@ -1,34 +1,21 @@
-"""Who asked, as the policy sees it: requester facts, their journal fields, and the
-compiled `match: requester:` key.  Pure and stdlib-only (the decision hot path and
-kmodctl import it).
+"""Who asked, as the policy sees it: requester facts and the compiled `match: requester:`
+key.  Pure and stdlib-only (the decision hot path and kmodctl import it).
 
 The daemon learns the facts from tracefs and /proc (kmodd.daemon.attribution) and writes
-them to the journal as KMODD_REQUESTER_* fields; `kmodctl simulate` reads them back from
-there.  A request whose requester is unknown has no facts (None): a rule with a
-`requester` key never matches it, whatever the key says (docs/policy.md).
+them to the journal as KMODD_REQUESTER_* fields (kmodd.contract.journal owns those);
+`kmodctl simulate` reads them back from there.  A request whose requester is unknown has
+no facts (None): a rule with a `requester` key never matches it, whatever the key says
+(docs/policy.md).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-# Journal fields of a decision with a known requester (docs/journal.md).  OBJECT_PID makes
-# journald add the requester's OBJECT_COMM, OBJECT_EXE, OBJECT_UID... (trusted fields).
-F_PID = "OBJECT_PID"
-F_UID = "KMODD_REQUESTER_UID"
-F_EUID = "KMODD_REQUESTER_EUID"
-F_GID = "KMODD_REQUESTER_GID"
-F_GROUPS = "KMODD_REQUESTER_GROUPS"
-F_COMM = "KMODD_REQUESTER_COMM"
-F_EXE = "KMODD_REQUESTER_EXE"
-F_UNIT = "KMODD_REQUESTER_UNIT"
-F_CGROUP = "KMODD_REQUESTER_CGROUP"
-F_CONTAINER = "KMODD_REQUESTER_CONTAINER"
-F_UNKNOWN = "KMODD_REQUESTER"  # "unknown: WHY" when attribution found nobody
-GROUPS_MAX = 64
+GROUPS_MAX = 64  # supplementary groups kept (journal field and facts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,38 +34,6 @@ class RequesterFacts:
         """The real uid is not 0.  As grsecurity's MODHARDEN: a set-uid-root program run
         by a user counts as that user (mount(8) by a user must not autoload fs-*)."""
         return self.uid != 0
-
-
-def fields(facts: RequesterFacts, *, pid: int, comm: str, exe: str | None) -> dict[str, str]:
-    """The KMODD_REQUESTER_* journal fields (plus OBJECT_PID) of a known requester."""
-    out = {
-        F_PID: str(pid),
-        F_UID: str(facts.uid),
-        F_EUID: str(facts.euid),
-        F_GID: str(facts.gid),
-        F_GROUPS: " ".join(str(g) for g in facts.groups[:GROUPS_MAX]),
-        F_COMM: comm,
-        F_UNIT: facts.unit or "",
-        F_CONTAINER: "yes" if facts.container else "no",
-    }
-    if exe is not None:
-        out[F_EXE] = exe
-    return out
-
-
-def from_fields(record: Mapping[str, object]) -> RequesterFacts | None:
-    """Facts from a journal record's fields; None when the requester was unknown (or the
-    record predates attribution, or its fields are not numbers)."""
-    try:
-        uid = int(str(record[F_UID]))
-        euid = int(str(record.get(F_EUID, uid)))
-        gid = int(str(record.get(F_GID, -1)))
-        groups = tuple(int(g) for g in str(record.get(F_GROUPS, "")).split()[:GROUPS_MAX])
-    except (KeyError, ValueError):
-        return None
-    unit = str(record.get(F_UNIT) or "") or None
-    container = str(record.get(F_CONTAINER, "no")) == "yes"
-    return RequesterFacts(uid, euid, gid, groups, unit, container)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,13 @@
 The kernel's request_module() names follow fixed prefixes (research/kmod.md §4.3);
 udev sends device modaliases (`BUS:...`).  The class is derived from the name alone,
 after kmod's '-' → '_' normalization, so `net-pf-5` and `net_pf_5` are the same class.
-The table is documented in docs/policy.md; keep both in step.
+The table is documented in docs/policy.md (tests/policy/test_requests.py keeps both in step).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from enum import StrEnum
 
 from kmodd.helper import normalize
@@ -29,31 +30,49 @@ class RequestClass(StrEnum):
     OTHER = "other"
 
 
-# (normalized prefix, class), first match wins; order matters where prefixes nest.
-PREFIXES: tuple[tuple[str, RequestClass], ...] = (
-    ("symbol:", RequestClass.SYMBOL),
-    ("devname:", RequestClass.CHAR_DEVICE),
-    ("net_pf_", RequestClass.NET_PROTOCOL),
-    ("tcp_ulp_", RequestClass.NET_PROTOCOL),
-    ("crypto_", RequestClass.CRYPTO),
-    ("algif_", RequestClass.CRYPTO),
-    ("fs_", RequestClass.FILESYSTEM),
-    ("char_major_", RequestClass.CHAR_DEVICE),
-    ("sound_slot_", RequestClass.CHAR_DEVICE),
-    ("sound_service_", RequestClass.CHAR_DEVICE),
-    ("block_major_", RequestClass.BLOCK_DEVICE),
-    ("tty_ldisc_", RequestClass.TTY_LDISC),
-    ("binfmt_", RequestClass.BINFMT),
-    ("netdev_", RequestClass.NETDEV),
-    ("rtnl_link_", RequestClass.NETDEV),
-    ("nf_", RequestClass.NETFILTER),
-    ("nft_", RequestClass.NETFILTER),
-    ("nfnetlink_", RequestClass.NETFILTER),
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """Names starting with `prefix` (normalized) are of class `klass`; `kernel`: the kernel's
+    request_module() sends such names (the compiler puts their exact aliases into the
+    helper snapshot next to every module name)."""
+
+    prefix: str
+    klass: RequestClass
+    kernel: bool = True
+
+
+# The one prefix table (research/kmod.md §4.3; docs/policy.md shows it): first match wins,
+# order matters where prefixes nest (rtnl_link_ before rtnl_).
+PREFIXES: tuple[Prefix, ...] = (
+    Prefix("symbol:", RequestClass.SYMBOL, kernel=False),
+    Prefix("devname:", RequestClass.CHAR_DEVICE, kernel=False),
+    Prefix("net_pf_", RequestClass.NET_PROTOCOL),
+    Prefix("tcp_ulp_", RequestClass.NET_PROTOCOL),
+    Prefix("crypto_", RequestClass.CRYPTO),
+    Prefix("algif_", RequestClass.CRYPTO),
+    Prefix("fs_", RequestClass.FILESYSTEM),
+    Prefix("char_major_", RequestClass.CHAR_DEVICE),
+    Prefix("sound_slot_", RequestClass.CHAR_DEVICE),
+    Prefix("sound_service_", RequestClass.CHAR_DEVICE),
+    Prefix("block_major_", RequestClass.BLOCK_DEVICE),
+    Prefix("tty_ldisc_", RequestClass.TTY_LDISC),
+    Prefix("binfmt_", RequestClass.BINFMT),
+    Prefix("netdev_", RequestClass.NETDEV),
+    Prefix("rtnl_link_", RequestClass.NETDEV),
+    Prefix("nf_", RequestClass.NETFILTER),
+    Prefix("nft_", RequestClass.NETFILTER),
+    Prefix("nfnetlink_", RequestClass.NETFILTER),
+    Prefix("nfct_", RequestClass.NETFILTER),  # conntrack helpers (nfct-helper-*)
+    Prefix("ip_set_", RequestClass.NETFILTER),  # ipset types (ip_set_hash:ip)
+    Prefix("rtnl_", RequestClass.OTHER),  # rtnl-lwt-*, rtnl-af-*...: no class of their own
+    Prefix("xfrm_", RequestClass.OTHER),  # IPsec modes and types: no class of their own
 )
 EXACT: dict[str, RequestClass] = {"cryptomgr": RequestClass.CRYPTO}
 # A device modalias is BUS:... (pci:, usb:, acpi:, of:, platform:, hid:, input:, virtio:…);
 # udev hands them over from the uevent MODALIAS property.
 _MODALIAS = re.compile(r"^[A-Za-z0-9_]+:")
+# What request_module() sends, for the compiler (normalized; `str.startswith` tuple).
+KERNEL_REQUEST_PREFIXES = tuple(p.prefix for p in PREFIXES if p.kernel) + tuple(EXACT)
 
 
 def classify(name: str) -> RequestClass:
@@ -62,9 +81,9 @@ def classify(name: str) -> RequestClass:
     exact = EXACT.get(norm)
     if exact is not None:
         return exact
-    for prefix, klass in PREFIXES:
-        if norm.startswith(prefix):
-            return klass
+    for row in PREFIXES:
+        if norm.startswith(row.prefix):
+            return row.klass
     if _MODALIAS.match(norm):
         return RequestClass.MODALIAS
     return RequestClass.OTHER

@@ -29,6 +29,26 @@ class Mode(StrEnum):
     LEARN = "learn"
 
 
+class Outcome(StrEnum):
+    """What happened to a request: the verdict after the mode (`Decision.outcome`).  The
+    status counters, the journal's MESSAGE_ID and `kmodctl simulate` all count these."""
+
+    ALLOW = "allow"
+    DENY = "deny"  # blocked
+    WOULD_DENY = "would_deny"  # the policy denies, a permissive or learning mode let it pass
+
+    @classmethod
+    def of(cls, verdict: Verdict, mode: Mode) -> Outcome:
+        if verdict is Verdict.ALLOW:
+            return cls.ALLOW
+        return cls.DENY if mode is Mode.ENFORCE else cls.WOULD_DENY
+
+    @property
+    def loaded(self) -> bool:
+        """The module was (or would have been) loaded."""
+        return self is not Outcome.DENY
+
+
 class Source(StrEnum):
     """Who asked for the module: the kernel (modprobe_path), udev (MODALIAS), kmodctl."""
 

@@ -15,12 +15,13 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kmodd.contract.journal import Record, requester_fields
 from kmodd.daemon import records
-from kmodd.daemon.journal import JournalSink, Record, journal_sender
+from kmodd.daemon.journal import JournalSink, journal_sender
 from kmodd.kmod.model import LoadStep, Resolution, StepKind
 from kmodd.policy import engine
 from kmodd.policy.engine import CompiledRule, RuleInfo
-from kmodd.policy.requester import RequesterFacts, fields
+from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.types import Mode, Source, Verdict
 from tests.journald import Journald
 
@@ -60,7 +61,7 @@ def record_of(entry: Entry) -> Record:
     if entry.uid is None:
         return rec
     facts = RequesterFacts(entry.uid, entry.uid, entry.uid, (), entry.unit, entry.container)
-    extra = fields(facts, pid=1, comm=entry.comm, exe="/usr/bin/python3.11")
+    extra = requester_fields(facts, pid=1, comm=entry.comm, exe="/usr/bin/python3.11", cgroup=None)
     return Record(rec.message_id, rec.priority, rec.message, {**rec.fields, **extra})
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kmodd.cli.main import main
-from kmodd.daemon.attribution import probe
+from kmodd.host.tracefs import probe
 from tests.kerneltree import KernelTree
 
 MODHARDEN = Path(__file__).resolve().parents[2] / "policies/20-modharden.yaml.example"

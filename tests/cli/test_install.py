@@ -31,8 +31,8 @@ from kmodd.cli.install import (
     uninstall,
 )
 from kmodd.cli.main import main
-from kmodd.daemon.modprobe_path import PREVIOUS_FILE, ModprobePath
-from kmodd.policy.compiler import DEFAULT_HELPER_PATH
+from kmodd.host.modprobe_path import PREVIOUS_FILE, ModprobePath
+from kmodd.paths import HELPER_PATH as DEFAULT_HELPER_PATH
 
 REPO = Path(__file__).resolve().parents[2]
 BINDIR = Path(sys.executable).parent  # this venv: holds kmodd and kmodctl

@@ -14,6 +14,18 @@ import pytest
 from kmodd import helper
 from kmodd.cli import client
 from kmodd.cli.online import render_status
+from kmodd.contract.status import (
+    ConflictInfo,
+    DecisionCounters,
+    GenerationInfo,
+    KernelModprobe,
+    LayerState,
+    LoadedDenied,
+    ReloadInfo,
+    StatusDocument,
+    UdevInfo,
+    WatcherInfo,
+)
 from kmodd.errors import KmoddError
 from kmodd.wire import Method
 
@@ -52,46 +64,71 @@ def test_silent_daemon_times_out(tmp_path: Path) -> None:
         listener.close()
 
 
-def status_doc(**over: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "pid": 42,
-        "uptime_s": 3723.5,
-        "generation": {
-            "number": 7,
-            "hash": "ab" * 32,
-            "mode": "permissive",
-            "mode_overridden": True,
-            "default": "allow",
-            "rules": 3,
-            "files": ["/etc/kmodd/policy.d/10-a.yaml", "/etc/kmodd/policy.d/20-b.yaml"],
+def status_doc(**over: Any) -> StatusDocument:
+    """A whole document of the shared type (mypy checks every key against the contract)."""
+    doc = StatusDocument(
+        pid=42,
+        uptime_s=3723.5,
+        started=0.0,
+        root="/",
+        release="6.1.0-test-amd64",
+        runtime_dir="/run/kmodd",
+        generation=GenerationInfo(
+            number=7,
+            hash="ab" * 32,
+            policy_hash="cd" * 32,
+            created=0.0,
+            mode="permissive",
+            policy_mode="enforce",
+            mode_overridden=True,
+            default="allow",
+            files=["/etc/kmodd/policy.d/10-a.yaml", "/etc/kmodd/policy.d/20-b.yaml"],
+            masked=[],
+            rules=3,
+            denied_modules=0,
+        ),
+        mode="permissive",
+        last_reload=ReloadInfo(
+            ok=False,
+            cause="watch: /etc/kmodd/policy.d/20-b.yaml",
+            at=0.0,
+            duration_s=0.4,
+            generation=7,
+            errors=["/etc/kmodd/policy.d/20-b.yaml:3:9: bad"],
+        ),
+        decisions=DecisionCounters(
+            verdicts={"allow": 10, "would_deny": 2},
+            rules={"default": 10, "copy-fail": 2},
+            sources={"kernel": 12},
+            invalid_names=0,
+            no_generation=0,
+        ),
+        journal={"dropped": 0, "failed": 0},
+        server={"refused_over_limit": 0},
+        notify={"dropped": 0},
+        kernel_modprobe=KernelModprobe(
+            managed=True,
+            points_at_helper=False,
+            current="/sbin/modprobe",
+            expected="/usr/local/libexec/kmodd/kmodd-modprobe",
+        ),
+        enforcement_file="/run/modprobe.d/00-kmodd.conf",
+        snapshot="/run/kmodd/snapshot",
+        conflicts=[ConflictInfo(kind="install", module="dccp", detail="x")],
+        devices_denied=[],
+        loaded_denied=[LoadedDenied(module="algif_aead", rule="copy-fail", reason="r")],
+        notes=[],
+        attribution=None,
+        layers={
+            "kernel": LayerState(active=False, reason="not implemented yet"),
+            "helper": LayerState(active=False, reason="kernel.modprobe is '/sbin/modprobe'"),
+            "modprobe_d": LayerState(active=False, reason="mode permissive: nothing rendered"),
+            "udev": LayerState(active=True, reason="uevent monitor running (udev events)"),
         },
-        "last_reload": {
-            "ok": False,
-            "cause": "watch: /etc/kmodd/policy.d/20-b.yaml",
-            "at": 0.0,
-            "duration_s": 0.4,
-            "generation": 7,
-            "errors": ["/etc/kmodd/policy.d/20-b.yaml:3:9: bad"],
-        },
-        "decisions": {
-            "verdicts": {"allow": 10, "would_deny": 2},
-            "rules": {"default": 10, "copy-fail": 2},
-            "sources": {"kernel": 12},
-        },
-        "journal": {"dropped": 0},
-        "kernel_modprobe": {
-            "managed": True,
-            "points_at_helper": False,
-            "current": "/sbin/modprobe",
-            "expected": "/usr/local/libexec/kmodd/kmodd-modprobe",
-        },
-        "enforcement_file": "/run/modprobe.d/00-kmodd.conf",
-        "conflicts": [{"kind": "install", "module": "dccp", "detail": "x"}],
-        "devices_denied": [],
-        "loaded_denied": [{"module": "algif_aead", "rule": "copy-fail"}],
-        "notes": [],
-    }
-    doc.update(over)
+        watcher=WatcherInfo(running=True, errors=3),
+        udev=UdevInfo(running=True, source="udev", events=5, skipped=1, lost=2),
+    )
+    doc.update(over)  # type: ignore[typeddict-item]
     return doc
 
 
@@ -107,6 +144,10 @@ def test_render_status_says_what_matters() -> None:
     assert "conflicts: 1\n  install dccp: x" in text
     assert "devices needing denied modules: none" in text
     assert "  algif_aead (rule copy-fail)" in text
+    assert "watcher:     3 failed round(s)" in text
+    assert "udev:        5 event(s) (udev), 1 skipped, 2 monitor failure(s)" in text
+    assert "  modprobe_d  INACTIVE: mode permissive: nothing rendered" in text
+    assert "  udev        active: uevent monitor running (udev events)" in text
 
 
 def test_render_status_without_generation() -> None:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.daemon import attribution
-from kmodd.daemon.attribution import Attributor, parse_event_line, read_requester, unit_of
-from kmodd.daemon.journal import MessageId, Priority, Record
-from kmodd.policy import requester
+from kmodd.contract.journal import MessageId, Priority, Record, requester_facts
+from kmodd.daemon import attribution, records
+from kmodd.daemon.attribution import Attributor, parse_event_line
+from kmodd.host import tracefs
+from kmodd.host.proc import read_requester, spawned_by_kernel, unit_of
 from tests.conftest import root_required
 
 # Lines in the format trace_pipe prints (kernel 6.1: 5 flag characters; older: 4;
@@ -98,10 +99,10 @@ def test_reads_this_process() -> None:
     assert me.exe == os.path.realpath(sys.executable)
     assert me.unprivileged is (os.getuid() != 0)
     assert me.as_dict()["pid"] == os.getpid()
-    fields = me.journal_fields()
+    fields = records.requester(me)
     assert fields["OBJECT_PID"] == str(os.getpid())
     assert fields["KMODD_REQUESTER_UID"] == str(os.getuid())
-    assert requester.from_fields(fields) == me.facts()
+    assert requester_facts(fields) == me.facts()
 
 
 def test_a_vanished_task_is_none() -> None:
@@ -195,8 +196,8 @@ def test_unit_of(cgroup: str | None, unit: str | None) -> None:
 def test_lockdown_level(tmp_path: Path) -> None:
     path = tmp_path / "lockdown"
     path.write_text("none [integrity] confidentiality\n")
-    assert attribution.lockdown_level(path) == "integrity"
-    assert attribution.lockdown_level(tmp_path / "absent") is None
+    assert tracefs.lockdown_level(path) == "integrity"
+    assert tracefs.lockdown_level(tmp_path / "absent") is None
 
 
 def test_no_tracefs_degrades_honestly(tmp_path: Path) -> None:
@@ -227,11 +228,11 @@ def test_a_kernel_without_the_event(tmp_path: Path) -> None:
 def _fake_tracefs(root: Path) -> Path:
     """The files our instance touches, with a FIFO as its trace_pipe."""
     (root / "instances").mkdir(parents=True)
-    (root / attribution.EVENT_DIR).mkdir(parents=True)
-    (root / attribution.EVENT_DIR / "enable").write_text("0\n")
+    (root / tracefs.EVENT_DIR).mkdir(parents=True)
+    (root / tracefs.EVENT_DIR / "enable").write_text("0\n")
     instance = root / "instances" / attribution.INSTANCE
-    (instance / attribution.EVENT_DIR).mkdir(parents=True)
-    for name in (f"{attribution.EVENT_DIR}/enable", "trace", "buffer_size_kb", "tracing_on"):
+    (instance / tracefs.EVENT_DIR).mkdir(parents=True)
+    for name in (f"{tracefs.EVENT_DIR}/enable", "trace", "buffer_size_kb", "tracing_on"):
         (instance / name).write_text("")
     (instance / "trace_marker").write_text("")
     os.mkfifo(instance / "trace_pipe")
@@ -246,7 +247,7 @@ def test_reader_matches_events_to_live_tasks(
     at = Attributor((tmp_path / "tracing",), lockdown=tmp_path / "none")
     try:
         assert at.start().available
-        assert (instance / attribution.EVENT_DIR / "enable").read_text() == "1"
+        assert (instance / tracefs.EVENT_DIR / "enable").read_text() == "1"
         spawn.append(subprocess.Popen(["sleep", "60"]))
         pid = _started(spawn[-1], "sleep")
         line = f"  sleep-{pid} [000] ..... 10.0: module_request: net-pf-5 wait=1 call_site=x\n"
@@ -260,7 +261,7 @@ def test_reader_matches_events_to_live_tasks(
     finally:
         os.close(writer)  # EOF ends the reader
         at.stop()
-    assert (instance / attribution.EVENT_DIR / "enable").read_text() == "0"
+    assert (instance / tracefs.EVENT_DIR / "enable").read_text() == "0"
 
 
 def test_stale_events_are_not_matched(tmp_path: Path) -> None:
@@ -291,16 +292,16 @@ def test_events_of_a_name_match_oldest_first(tmp_path: Path) -> None:
 
 
 def test_spawned_by_kernel(tmp_path: Path) -> None:
-    assert not attribution.spawned_by_kernel(os.getpid())  # pytest's parent is a program
+    assert not spawned_by_kernel(os.getpid())  # pytest's parent is a program
     proc = tmp_path / "proc"
     for pid, ppid, cmdline in ((10, 2, ""), (2, 0, ""), (12, 1, "x\0"), (11, 12, "y\0")):
         (proc / str(pid)).mkdir(parents=True)
         (proc / str(pid) / "status").write_text(f"Name:\tx\nPPid:\t{ppid}\n")
         (proc / str(pid) / "cmdline").write_text(cmdline)
-    assert attribution.spawned_by_kernel(10, proc)  # parent kthreadd: the kernel ran it
-    assert not attribution.spawned_by_kernel(11, proc)  # parent 12 has a command line
-    assert not attribution.spawned_by_kernel(2, proc)
-    assert not attribution.spawned_by_kernel(99, proc)
+    assert spawned_by_kernel(10, proc)  # parent kthreadd: the kernel ran it
+    assert not spawned_by_kernel(11, proc)  # parent 12 has a command line
+    assert not spawned_by_kernel(2, proc)
+    assert not spawned_by_kernel(99, proc)
 
 
 def test_status_has_availability_counters_and_timings(tmp_path: Path) -> None:
@@ -312,20 +313,20 @@ def test_status_has_availability_counters_and_timings(tmp_path: Path) -> None:
     assert (doc["events"], doc["matched"]) == (1, 1)
     assert doc["margin_ms_min"] is not None
     assert doc["margin_ms_min"] >= 0
-    assert attribution.unknown_fields(at.availability())["KMODD_REQUESTER"].startswith(
+    assert records.unknown_requester(at.availability())["KMODD_REQUESTER"].startswith(
         "unknown: tracefs is not mounted"
     )
 
 
 def test_annotate_adds_fields_and_names_the_requester() -> None:
     record = Record(MessageId.DENY, Priority.WARNING, "denied net-pf-5: x", {"KMODD_RULE": "r"})
-    assert attribution.annotate(record, None, {}) is record
+    assert records.annotate(record, None, {}) is record
     me = read_requester(os.getpid())
     assert me is not None
-    out = attribution.annotate(record, me, me.journal_fields())
+    out = records.annotate(record, me, records.requester(me))
     assert out.message == f"denied net-pf-5: x (requested by {me.comm}[{me.pid}] uid {me.uid})"
     assert out.fields["KMODD_RULE"] == "r"
     assert out.fields["OBJECT_PID"] == str(me.pid)
-    unknown = attribution.annotate(record, None, {"KMODD_REQUESTER": "unknown: why"})
+    unknown = records.annotate(record, None, {"KMODD_REQUESTER": "unknown: why"})
     assert unknown.message == record.message
     assert unknown.fields["KMODD_REQUESTER"] == "unknown: why"

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from kmodd.contract.journal import Record
 from kmodd.daemon.attribution import Attributor
 from kmodd.daemon.core import Core, Edges
 from kmodd.daemon.generation import BuildOptions
-from kmodd.daemon.journal import JournalSink, Record
+from kmodd.daemon.journal import JournalSink
 from kmodd.daemon.notify import Notifier
 from kmodd.daemon.server import Peer, prepare_runtime_dir
 from kmodd.paths import Paths

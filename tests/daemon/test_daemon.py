@@ -19,6 +19,7 @@ import pytest
 
 from kmodd import helper, wire
 from kmodd.cli import client
+from kmodd.contract.status import LAYERS, StatusDocument
 from kmodd.errors import KmoddError
 from tests.conftest import root_required
 from tests.daemon.running import BASE_POLICY, Daemon, SystemRoot, as_nobody, make_root, run_helper
@@ -117,6 +118,15 @@ def test_status_document(shared: tuple[SystemRoot, Daemon]) -> None:
         }
     ]
     assert doc["kernel_modprobe"]["managed"] is False  # --root is not /
+    # Every key of the shared type, and what this daemon (--root, enforce) can say of layers.
+    assert set(StatusDocument.__annotations__) - set(doc) == set()
+    assert set(doc["layers"]) == set(LAYERS)
+    assert doc["layers"]["modprobe_d"]["active"] is True
+    assert doc["layers"]["helper"] == {
+        "active": False,
+        "reason": "kernel.modprobe is not managed by this daemon",
+    }
+    assert doc["layers"]["kernel"]["active"] is False
     human = kmodctl(sr, "status")
     assert human.returncode == 0, human.stderr
     assert "generation:" in human.stdout and "algif_aead (rule copy-fail)" in human.stdout

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from kmodd import helper, wire
-from kmodd.daemon.journal import JournalSink, MessageId, Priority, Record, stream_sender
+from kmodd.contract.journal import MessageId, Priority, Record
+from kmodd.daemon.journal import JournalSink, stream_sender
 from tests import journald
 from tests.conftest import root_required
 from tests.daemon.running import Daemon, SystemRoot, as_nobody, make_root, run_helper

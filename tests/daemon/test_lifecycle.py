@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kmodd import wire
-from kmodd.daemon.modprobe_path import PREVIOUS_FILE
+from kmodd.host.modprobe_path import PREVIOUS_FILE
 from tests.conftest import root_required
 from tests.daemon.running import HELPER, Daemon, SystemRoot, make_root, run_helper
 from tests.kerneltree import KernelTree

@@ -1,5 +1,5 @@
 """Runtime dir and socket setup (kmodd.daemon.server) and atomic publishing
-(kmodd.daemon.atomic): the parts that must be safe against a hostile file system."""
+(kmodd.atomic): the parts that must be safe against a hostile file system."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.daemon import atomic, server
+from kmodd import atomic
+from kmodd.daemon import server
 from tests.conftest import root_required
 
 

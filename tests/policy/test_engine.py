@@ -92,6 +92,19 @@ def test_module_globs_and_classes(tmp_path: Path) -> None:
     assert decide(Request("appletalk"), APPLETALK, p).verdict is Verdict.ALLOW
 
 
+def test_netfilter_class_covers_ipset_and_conntrack_helpers(tmp_path: Path) -> None:
+    """`class: [netfilter]` denies what the kernel asks for ipset types and conntrack
+    helpers too (both were class `other` while the compiler knew their prefixes)."""
+    p = policy(tmp_path, "rules:\n  - {id: nf, action: deny, match: {class: [netfilter]}}\n")
+    for name, module in (
+        ("ip_set_hash:ip", "ip_set_hash_ip"),
+        ("nfct-helper-ftp", "nf_conntrack_ftp"),
+    ):
+        d = decide(Request(name), res(name, (module,)), p)
+        assert (d.verdict, d.rule, d.request_class) == (Verdict.DENY, "nf", RequestClass.NETFILTER)
+    assert decide(Request("fs-vfat"), res("fs-vfat", ("vfat",)), p).verdict is Verdict.ALLOW
+
+
 def test_source_condition(tmp_path: Path) -> None:
     p = policy(
         tmp_path,

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kmodd import helper
+from kmodd.contract.journal import MessageId
 from kmodd.daemon import records
-from kmodd.daemon.journal import MessageId
 from kmodd.kmod.model import LoadStep, Resolution, StepKind
 from kmodd.policy import compiler
 from kmodd.policy.engine import Request, compile_policy, decide, mode_override

@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kmodd.contract.journal import Record
 from kmodd.daemon import status
 from kmodd.daemon.core import Core, Edges
 from kmodd.daemon.events import Event, UdevDevice, UdevLost
 from kmodd.daemon.generation import BuildOptions, build_generation, publish
-from kmodd.daemon.journal import JournalSink, Record
+from kmodd.daemon.journal import JournalSink
 from kmodd.daemon.notify import Notifier
 from kmodd.daemon.udev import FIELD_MAX, MODALIAS_MAX, UdevSource, device_from_properties
 from kmodd.paths import Paths

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from kmodd.cli.install import UNITS, render
-from kmodd.policy.compiler import DEFAULT_HELPER_PATH
+from kmodd.paths import HELPER_PATH as DEFAULT_HELPER_PATH
 from tests.conftest import root_required
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.daemon.modprobe_path import (
+from kmodd.host.kconfig import kernel_config, static_usermodehelper
+from kmodd.host.modprobe_path import (
     PREVIOUS_FILE,
     ModprobePath,
     ModprobePathError,
     TamperKind,
-    kernel_config,
-    static_usermodehelper,
 )
 from tests.kerneltree import KernelTree
 

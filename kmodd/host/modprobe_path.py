@@ -1,27 +1,24 @@
 """The kernel's `kernel.modprobe` sysctl: point it at the helper, remember what it was,
-notice tampering, and tell when the kernel ignores it (CONFIG_STATIC_USERMODEHELPER).
+notice tampering (whether the kernel uses it at all: kmodd.host.kconfig).
 
-Pure mechanism: the core decides when to install (never with --root other than /), what to
-log and whether to re-assert after tampering.
+Pure mechanism: the daemon decides when to install (never with --root other than /), what
+to log and whether to re-assert after tampering; `kmodctl uninstall` restores it.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
-import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from kmodd import helper
+from kmodd.atomic import write_atomic
 from kmodd.errors import KmoddError
 
 PROC_MODPROBE = Path("/proc/sys/kernel/modprobe")
-PROC_CONFIG = Path("/proc/config.gz")  # CONFIG_IKCONFIG_PROC kernels
 PREVIOUS_FILE = "modprobe_path.previous"  # in the runtime dir, survives a daemon restart
 KMOD_PATH_LEN = 256  # the kernel's buffer for modprobe_path, NUL included
-CONFIG_READ_MAX = 16 << 20  # a kernel .config is ~250 KiB; refuse anything absurd
 
 
 class ModprobePathError(KmoddError):
@@ -60,21 +57,6 @@ def _check_helper(path: Path) -> None:
             f"helper {path} is missing or not executable",
             hint="run `kmodctl install` first",
         )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    # O_EXCL|O_NOFOLLOW: a planted symlink in the runtime dir cannot redirect the write.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class ModprobePath:
@@ -145,7 +127,7 @@ class ModprobePath:
             )
         if current != ours:
             self.previous_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            _write_atomic(self.previous_file, current + "\n")
+            write_atomic(self.previous_file, (current + "\n").encode())
             self._write(ours)
         return self.previous() or helper.DEFAULT_MODPROBE
 
@@ -170,49 +152,3 @@ class ModprobePath:
             return TamperState(TamperKind.UNAVAILABLE, None, expected)
         kind = TamperKind.OURS if current == expected else TamperKind.CHANGED
         return TamperState(kind, current, expected)
-
-
-def _config_text(release: str, root: Path, proc_config: Path) -> str | None:
-    boot = root / "boot" / f"config-{release}"
-    try:
-        if boot.is_file():
-            with boot.open("rb") as raw:
-                return raw.read(CONFIG_READ_MAX).decode(errors="replace")
-        if root == Path("/") and proc_config.is_file():
-            with gzip.open(proc_config, "rb") as raw:
-                return raw.read(CONFIG_READ_MAX).decode(errors="replace")
-    except (OSError, EOFError, gzip.BadGzipFile):
-        return None
-    return None
-
-
-def kernel_config(
-    release: str, root: Path, *, proc_config: Path = PROC_CONFIG
-) -> dict[str, str] | None:
-    """CONFIG_* = value from ROOT/boot/config-RELEASE, else (live root) /proc/config.gz."""
-    text = _config_text(release, root, proc_config)
-    if text is None:
-        return None
-    options: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.startswith("CONFIG_"):
-            options[key] = value.strip().strip('"')
-    return options
-
-
-def static_usermodehelper(
-    release: str, root: Path, *, proc_config: Path = PROC_CONFIG
-) -> str | None:
-    """A plain warning when CONFIG_STATIC_USERMODEHELPER=y, else None (also when the
-    kernel config cannot be found: absence of evidence is reported by the caller)."""
-    options = kernel_config(release, root, proc_config=proc_config)
-    if options is None or options.get("CONFIG_STATIC_USERMODEHELPER") != "y":
-        return None
-    target = options.get("CONFIG_STATIC_USERMODEHELPER_PATH", "")
-    via = f"through {target}" if target else "nowhere (the path is empty: autoload is off)"
-    return (
-        f"kernel {release} is built with CONFIG_STATIC_USERMODEHELPER=y: every usermode "
-        f"helper call goes {via}, so kernel module autoload bypasses kernel.modprobe and "
-        "the kmodd helper; only the rendered modprobe.d file and udev visibility apply"
-    )

@@ -1,0 +1,162 @@
+"""The io.kmodd.Status document: what `kmodctl status --json` prints (docs/cli.md).
+
+TypedDicts, not classes: the document crosses the control socket as JSON and is printed
+as is, so the types describe that JSON exactly and cost nothing to build or read.
+daemon/status.py builds a `StatusDocument` (mypy checks every key), cli/online.py reads
+one.  Adding an entry is one key here (see the package docstring).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired, TypedDict, cast
+
+from kmodd.wire import ProtocolError
+
+
+class GenerationInfo(TypedDict):
+    number: int
+    hash: str
+    policy_hash: str
+    created: float
+    mode: str  # enforce | permissive | learn, after the kernel command line
+    policy_mode: str  # what the policy files say
+    mode_overridden: bool
+    default: str
+    files: list[str]
+    masked: list[str]
+    rules: int
+    denied_modules: int
+
+
+class ReloadInfo(TypedDict):
+    ok: bool
+    cause: str  # start | signal | control | watch: PATHS | coalesced
+    at: float
+    duration_s: float
+    generation: int | None  # the new one on success, the kept one on failure
+    errors: list[str]
+
+
+class DecisionCounters(TypedDict):
+    verdicts: dict[str, int]  # Outcome -> count
+    rules: dict[str, int]
+    sources: dict[str, int]  # Source -> count
+    invalid_names: int
+    no_generation: int  # decide requests answered "error" (the helper fell back)
+
+
+class JournalCounters(TypedDict):
+    dropped: int  # the queue was full
+    failed: int  # journald refused
+
+
+class ServerCounters(TypedDict):
+    refused_over_limit: int
+
+
+class NotifyCounters(TypedDict):
+    dropped: int  # sd_notify messages the manager did not take
+
+
+class KernelModprobe(TypedDict):
+    managed: bool
+    points_at_helper: bool | None
+    current: str | None
+    expected: NotRequired[str]  # only when managed
+
+
+class ConflictInfo(TypedDict):
+    kind: str  # install | alias
+    module: str
+    detail: str
+
+
+class DeviceDenied(TypedDict):
+    devpath: str
+    subsystem: str
+    modalias: str
+    modules: list[str]
+    rule: str
+
+
+class LoadedDenied(TypedDict):
+    module: str
+    rule: str
+    reason: str
+
+
+class AttributionInfo(TypedDict):
+    tracefs: str | None
+    event: bool
+    instance: bool
+    lockdown: str | None
+    reason: str | None
+    available: bool
+    events: int
+    matched: int
+    unmatched: int
+    gone: int
+    wait_ms_max: float
+    read_ms_max: float
+    margin_ms_min: float | None
+
+
+class LayerState(TypedDict):
+    active: bool
+    reason: str  # why (not) active, one human sentence
+
+
+# design.md §5.4: one entry per enforcing layer, keyed by policy.coverage.Layer values
+# (a plain dict so that renderers iterate it; a new layer is one name in LAYERS).
+LAYERS = ("kernel", "helper", "modprobe_d", "udev")
+Layers = dict[str, LayerState]
+
+
+class WatcherInfo(TypedDict):
+    running: bool
+    errors: int  # failed flush/reconcile rounds (each retried)
+
+
+class UdevInfo(TypedDict):
+    running: bool
+    source: str  # udev (after udevd's rules) or kernel (raw uevents)
+    events: int
+    skipped: int  # unreadable or hostile devices
+    lost: int  # monitor failures recovered from
+
+
+class StatusDocument(TypedDict):
+    pid: int
+    uptime_s: float
+    started: float
+    root: str
+    release: str
+    runtime_dir: str
+    generation: GenerationInfo | None
+    mode: str | None
+    last_reload: ReloadInfo | None
+    decisions: DecisionCounters
+    journal: JournalCounters
+    server: ServerCounters
+    notify: NotifyCounters
+    kernel_modprobe: KernelModprobe
+    enforcement_file: str
+    snapshot: str
+    conflicts: list[ConflictInfo]
+    devices_denied: list[DeviceDenied]
+    loaded_denied: list[LoadedDenied]
+    notes: list[str]
+    attribution: AttributionInfo | None
+    layers: Layers
+    watcher: WatcherInfo | None  # None: not watching (--no-watch)
+    udev: UdevInfo | None  # None: no monitor (--no-udev, or it failed to open)
+
+
+def parse_status(params: dict[str, Any]) -> StatusDocument:
+    """The reply of io.kmodd.Status as the document it is.  The daemon is trusted to send
+    its own type (same package version); the keys every reader needs are checked so an
+    unexpected peer fails with a clear error, not a KeyError deep in rendering."""
+    missing = [k for k in ("pid", "decisions", "journal", "kernel_modprobe") if k not in params]
+    if missing:
+        raise ProtocolError(f"not a status document (missing {', '.join(missing)})")
+    return cast(StatusDocument, params)

@@ -1,0 +1,57 @@
+"""What the core needs of its I/O edges, as Protocols: the composition root (daemon/main.py)
+injects the real ones, tests inject fakes, and no edge module imports the core."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class NotifierLike(Protocol):
+    def ready(self, status: str) -> bool: ...
+    def reloading(self) -> bool: ...
+    def status(self, text: str) -> bool: ...
+    def watchdog(self) -> bool: ...
+    def stopping(self, status: str | None = None) -> bool: ...
+    @property
+    def watchdog_ping_interval_s(self) -> float | None: ...
+    @property
+    def dropped(self) -> int: ...  # messages the manager did not take (status)
+
+
+class TamperLike(Protocol):
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def current(self) -> str | None: ...
+    @property
+    def expected(self) -> str: ...
+
+
+class ModprobePathLike(Protocol):
+    def check(self) -> TamperLike: ...
+    def install(self) -> str: ...
+
+
+class UdevCountersLike(Protocol):
+    @property
+    def events(self) -> int: ...
+    @property
+    def skipped(self) -> int: ...
+    @property
+    def lost(self) -> int: ...
+
+
+class UdevLike(Protocol):
+    """The running uevent monitor (daemon/udev.py UdevSource)."""
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def counters(self) -> UdevCountersLike: ...
+
+
+class WatcherLike(Protocol):
+    """The running file watcher (daemon/watch.py Watcher)."""
+
+    @property
+    def errors(self) -> int: ...
