@@ -312,6 +312,23 @@ static __always_inline int result(__u32 action)
 	return action == A_DENIED ? -EPERM : 0;
 }
 
+/* The table is keyed as kmod looks names up (alias_normalize: '-' is '_').  A name with
+ * '[' would keep '-' inside the brackets: rather than mirror that, it is never looked up
+ * by name (returns 0): the "" entry, for every name not in the table, decides it. */
+static __always_inline int normalize(struct name_key *key)
+{
+	for (int i = 0; i < NAME_LEN; i++) {
+		char c = key->name[i];
+		if (c == 0)
+			break;
+		if (c == '[')
+			return 0;
+		if (c == '-')
+			key->name[i] = '_';
+	}
+	return 1;
+}
+
 SEC("lsm/kernel_module_request")
 int BPF_PROG(kmodd_request, char *kmod_name, int ret)
 {
@@ -325,7 +342,7 @@ int BPF_PROG(kmodd_request, char *kmod_name, int ret)
 	bpf_probe_read_kernel_str(key.name, sizeof(key.name), kmod_name);
 	void *names = bpf_map_lookup_elem(&kmodd_names, &zero);
 	if (names) {
-		struct name_entry *e = bpf_map_lookup_elem(names, &key);
+		struct name_entry *e = normalize(&key) ? bpf_map_lookup_elem(names, &key) : 0;
 		if (!e) {
 			struct name_key any = {};  /* "": the rules for every other name */
 			e = bpf_map_lookup_elem(names, &any);

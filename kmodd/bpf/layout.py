@@ -206,10 +206,14 @@ class NameRules:
 
 
 def encode_name(name: str) -> bytes:
-    """The zero-padded hash key of a request name (as the kernel formats it)."""
+    """The zero-padded hash key of a request name, normalized as kmod looks it up ('-'
+    is '_'; the program does the same to the kernel's name before the lookup)."""
     raw = name.encode("utf-8", "surrogateescape")
     if b"\0" in raw or len(raw) >= NAME_LEN:
         raise LayoutError(f"request name {name!r} cannot reach the hook (NUL or >= {NAME_LEN})")
+    if b"[" in raw:
+        raise LayoutError(f"request name {name!r}: a name with '[' is never looked up by name")
+    raw = raw.replace(b"-", b"_")
     return bytes(NameKeyC(raw))
 
 

@@ -28,6 +28,7 @@ from kmodd.daemon.attribution import Attributor
 from kmodd.daemon.events import (
     Event,
     FilesChanged,
+    KernelEvents,
     ReloadCause,
     ReloadRequested,
     Stop,
@@ -44,7 +45,14 @@ from kmodd.daemon.generation import (
     publish,
 )
 from kmodd.daemon.journal import JournalSink
-from kmodd.daemon.ports import ModprobePathLike, NotifierLike, TamperLike, UdevLike, WatcherLike
+from kmodd.daemon.ports import (
+    KernelLike,
+    ModprobePathLike,
+    NotifierLike,
+    TamperLike,
+    UdevLike,
+    WatcherLike,
+)
 from kmodd.daemon.server import Kind, Peer, Server
 from kmodd.errors import KmoddError
 from kmodd.host.proc import Requester
@@ -119,6 +127,7 @@ class Edges:
     attributor: Attributor | None = None  # who asked (tracefs); None: not attempted
     udev: UdevLike | None = None  # the running uevent monitor
     watcher: WatcherLike | None = None  # the running file watcher
+    kernel: KernelLike | None = None  # the BPF LSM layer (daemon/kernel_layer.py)
     static_usermodehelper: str | None = None  # the kernel bypasses kernel.modprobe: why
     clock: Callable[[], float] = time.monotonic
 
@@ -233,6 +242,10 @@ class Core:
                 self._tick()
             case Stop(reason=reason):
                 self._stopping = reason
+            case KernelEvents():
+                if self.edges.kernel is not None:
+                    for record in self.edges.kernel.records(event, self.generation):
+                        self.sink.emit(record)
 
     # --- generations --------------------------------------------------------------
 
@@ -243,6 +256,8 @@ class Core:
         start = time.monotonic()
         try:
             gen = publish(build_generation(self._next_number(), self.paths, self.options))
+            if self.edges.kernel is not None:  # the kernel's tables with the files
+                self.edges.kernel.apply(gen)
         except Exception as err:  # every failure is reported; the old generation stays
             return _Built(cause, None, tuple(error_lines(err)), time.monotonic() - start)
         return _Built(cause, gen, (), time.monotonic() - start)

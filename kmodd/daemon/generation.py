@@ -14,6 +14,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,8 @@ class Generation:
     conflicts: tuple[Conflict, ...]
     denied_modules: frozenset[str]  # modules rendered as denied (enforce mode)
     created: float = field(default_factory=time.time)
+    # what the build resolved (the snapshot's names): the kernel layer's tables reuse it
+    resolutions: Mapping[str, Resolution] = field(default_factory=dict, compare=False, repr=False)
     _decisions: dict[tuple[str, Source, RequesterFacts | None], engine.Decision] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -231,6 +234,7 @@ def build_generation(number: int, paths: Paths, options: BuildOptions) -> Genera
         snapshot=snapshot,
         conflicts=(),
         denied_modules=frozenset(_rendered_denials(enforcement)),
+        resolutions=tree.known,
     )
 
 

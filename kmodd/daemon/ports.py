@@ -3,7 +3,13 @@ injects the real ones, tests inject fakes, and no edge module imports the core."
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from kmodd.contract.journal import Record
+    from kmodd.contract.status import LayerState
+    from kmodd.daemon.events import KernelEvents
+    from kmodd.daemon.generation import Generation
 
 
 class NotifierLike(Protocol):
@@ -55,3 +61,11 @@ class WatcherLike(Protocol):
 
     @property
     def errors(self) -> int: ...
+
+
+class KernelLike(Protocol):
+    """The kernel layer (daemon/kernel_layer.py KernelEdge)."""
+
+    def apply(self, gen: Generation) -> None: ...
+    def records(self, batch: KernelEvents, gen: Generation | None) -> list[Record]: ...
+    def state(self) -> LayerState: ...

@@ -75,12 +75,14 @@ def test_name_rules_keep_their_order() -> None:
 
 def test_request_names_are_zero_padded_keys_and_long_ones_refused() -> None:
     key = layout.encode_name("net-pf-5")
-    assert key == b"net-pf-5".ljust(layout.NAME_LEN, b"\0")
+    assert key == b"net_pf_5".ljust(layout.NAME_LEN, b"\0") == layout.encode_name("net_pf_5")
     assert layout.encode_name("") == bytes(layout.NAME_LEN)  # the every-other-name entry
     with pytest.raises(LayoutError):
         layout.encode_name("x" * layout.NAME_LEN)
     with pytest.raises(LayoutError):
         layout.encode_name("a\0b")
+    with pytest.raises(LayoutError, match="never looked up"):
+        layout.encode_name("pci:v[0-9]")
 
 
 def test_kernel_dev_is_the_kernels_internal_encoding() -> None:
