@@ -8,6 +8,7 @@ proves nothing: the active list in securityfs is what counts.  Stdlib only and c
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +36,28 @@ def parse_lockdown(text: str) -> str | None:
     return None
 
 
-def lsm_line(active: tuple[str, ...]) -> str:
-    """The `lsm=` kernel parameter that keeps today's LSMs and adds bpf.  `capability`
-    is always first and never listed; `lsm=` replaces the whole list, so an admin who
-    writes only `lsm=bpf` loses AppArmor or SELinux."""
-    names = [name for name in active if name not in ("capability", "bpf")]
+def lsm_line(active: tuple[str, ...], configured: tuple[str, ...] = ()) -> str:
+    """The `lsm=` kernel parameter that keeps today's LSMs and adds bpf: the kernel's
+    CONFIG_LSM order when known (it names `integrity`, which the runtime list omits),
+    else the active list.  `capability` is always first and never listed; `lsm=`
+    replaces the whole list, so `lsm=bpf` alone would drop AppArmor or SELinux."""
+    names = [name for name in configured or active if name not in ("capability", "bpf")]
     return "lsm=" + ",".join([*names, "bpf"])
+
+
+def config_lsm(text: str) -> tuple[str, ...]:
+    """CONFIG_LSM="a,b,c" from a kernel config, or ()."""
+    for line in text.splitlines():
+        if line.startswith("CONFIG_LSM="):
+            return parse_lsm(line.split("=", 1)[1].strip('"'))
+    return ()
+
+
+def _configured(root: Path) -> tuple[str, ...]:
+    try:
+        return config_lsm((root / "boot" / f"config-{os.uname().release}").read_text())
+    except OSError:
+        return ()
 
 
 def detect(root: Path = Path("/")) -> Support:
@@ -57,7 +74,8 @@ def detect(root: Path = Path("/")) -> Support:
         return Support(
             False,
             f"bpf is not an active LSM ({','.join(lsms)}): a BPF LSM program would attach "
-            f"but never run; add `{lsm_line(lsms)}` to the kernel command line and reboot",
+            f"but never run; add `{lsm_line(lsms, _configured(root))}` to the kernel command "
+            "line and reboot",
         )
     if not (root / BTF_FILE).exists():
         return Support(

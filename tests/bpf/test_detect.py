@@ -61,3 +61,15 @@ def test_other_reasons(tmp_path: Path, kwargs: dict[str, object], words: str) ->
 def test_no_securityfs_is_inactive(tmp_path: Path) -> None:
     got = detect.detect(sysfs(tmp_path, None))
     assert not got.active and "securityfs" in got.reason
+
+
+def test_the_lsm_line_follows_config_lsm_when_the_kernel_config_is_there(tmp_path: Path) -> None:
+    import os  # noqa: PLC0415
+
+    root = sysfs(tmp_path, UBUNTU)
+    (root / "boot").mkdir()
+    config = 'CONFIG_LSM="landlock,lockdown,yama,integrity,apparmor"\n'
+    (root / "boot" / f"config-{os.uname().release}").write_text(config)
+    got = detect.detect(root)
+    assert "`lsm=landlock,lockdown,yama,integrity,apparmor,bpf`" in got.reason
+    assert detect.config_lsm("# CONFIG_LSM is not set\n") == ()

@@ -297,3 +297,18 @@ def test_install_creates_a_missing_prefix(tmp_path: Path) -> None:
     steps = install(prefix, bindir=BINDIR, python=PYTHON)
     assert (prefix / "usr/local/libexec/kmodd/kmodd-modprobe").is_file()
     assert steps[0].path == str(prefix)
+
+
+def test_uninstall_unpins_the_kernel_layer(tmp_path: Path) -> None:
+    """Pins under PREFIX/sys/fs/bpf/kmodd go with the rest (plain files here: on bpffs an
+    unlink is what detaches the programs once no process holds them)."""
+    from kmodd.bpf.layer import MAPS, PROGRAMS  # noqa: PLC0415
+
+    pins = tmp_path / "sys/fs/bpf/kmodd"
+    pins.mkdir(parents=True)
+    for name in (*PROGRAMS.values(), *MAPS):
+        (pins / name).write_text("")
+    steps = uninstall(tmp_path)
+    removed = {s.path for s in steps if s.action is Action.REMOVED}
+    assert {str(pins / n) for n in (*PROGRAMS.values(), *MAPS)} <= removed
+    assert not pins.exists()

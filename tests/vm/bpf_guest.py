@@ -211,10 +211,14 @@ def s_detect(_guest: Guest) -> dict[str, Any]:
     return {"detect": asdict(detect()), "lsm": lsm.read_text() if lsm.exists() else None}
 
 
-def s_setup(_guest: Guest) -> dict[str, Any]:
-    mounts = Path("/proc/mounts").read_text()
-    if " /sys/fs/bpf bpf " not in mounts:
+def mount_bpffs() -> None:
+    """What systemd does at boot (sys-fs-bpf.mount); virtme does not."""
+    if " /sys/fs/bpf bpf " not in Path("/proc/mounts").read_text():
         run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"])
+
+
+def s_setup(_guest: Guest) -> dict[str, Any]:
+    mount_bpffs()
     COUNTER.write_text(
         f'#!/bin/sh\necho "$*" >> {shlex.quote(str(RUNS))}\nexec /sbin/modprobe "$@"\n'
     )
@@ -512,6 +516,123 @@ def main(argv: list[str]) -> int:
         file=sys.stderr,
     )
     return 2
+
+
+# --- the daemon with its kernel layer (plan "daemon") ---------------------------------------
+
+MODHARDEN = Path(__file__).resolve().parents[2] / "policies/20-modharden.yaml.example"
+
+
+def _kmodd_records(since_us: int, request: str) -> list[dict[str, Any]]:
+    from tests.vm.guest import journal  # noqa: PLC0415
+
+    return [
+        r for r in journal(since_us, "kmodd", "kmodd-modprobe") if request in str(r.get("MESSAGE"))
+    ]
+
+
+def _full_records(since_us: int, request: str) -> list[dict[str, Any]]:
+    """Decision records of REQUEST with the requester fields (journal.slim drops them)."""
+    res = run(
+        [
+            "journalctl",
+            "-o",
+            "json",
+            "--no-pager",
+            f"--since=@{since_us // 1_000_000}",
+            "-t",
+            "kmodd",
+            f"KMODD_REQUEST={request}",
+        ]
+    )
+    out = []
+    for line in res["stdout"].splitlines():
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line)
+            out.append(
+                {k: v for k, v in rec.items() if k.startswith(("KMODD_", "OBJECT_PID", "MESSAGE"))}
+            )
+    return out
+
+
+def _wait_records(since_us: int, request: str, count: int = 1) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+
+    def enough() -> bool:
+        nonlocal found
+        found = _full_records(since_us, request)
+        return len(found) >= count
+
+    with contextlib.suppress(TimeoutError):
+        wait_until(enough, 90, f"{request} records")
+    return found
+
+
+def d_setup(guest: Guest) -> dict[str, Any]:
+    from tests.vm.guest import SITE_DIR, now_us  # noqa: PLC0415
+
+    guest.daemon_args = []  # the kernel layer on, as on Debian by default
+    mount_bpffs()
+    guest.start_journald()
+    installed = guest.install()
+    SITE_DIR.mkdir(parents=True, exist_ok=True)
+    (SITE_DIR / "10-baseline.yaml").symlink_to("/dev/null")  # only the MODHARDEN rules
+    guest.write_policy("20-modharden.yaml", MODHARDEN.read_text())
+    started = guest.start_daemon()
+    return {"install": installed, **started, "status": guest.status(), "since_us": now_us()}
+
+
+def d_nobody(_guest: Guest) -> dict[str, Any]:
+    from tests.vm.guest import now_us  # noqa: PLC0415
+
+    since = now_us()
+    outcome = trigger(NOBODY, f"socket:{AF_APPLETALK}:2")
+    return {
+        "trigger": outcome,
+        "records": _wait_records(since, "net-pf-5"),
+        "helper_lines": _kmodd_records(since, "net-pf-5"),
+        "modules": loaded_modules(),
+    }
+
+
+def d_root(_guest: Guest) -> dict[str, Any]:
+    from tests.vm.guest import now_us  # noqa: PLC0415
+
+    since = now_us()
+    outcome = trigger((), f"socket:{AF_APPLETALK}:2")
+    return {
+        "trigger": outcome,
+        "records": _wait_records(since, "net-pf-5"),
+        "modules": loaded_modules(),
+    }
+
+
+def d_restart(guest: Guest) -> dict[str, Any]:
+    """kill -9 the daemon; a user's request is still refused in-kernel; the restarted
+    daemon adopts the pins and journals the refusal it missed (the ring kept it)."""
+    from tests.vm.guest import now_us  # noqa: PLC0415
+
+    since = now_us()
+    killed = guest.kill_daemon()
+    outcome = trigger(NOBODY, f"socket:{AF_X25}:5")
+    modules = loaded_modules()
+    started = guest.start_daemon()
+    return {
+        "killed": killed,
+        "trigger": outcome,
+        "modules": modules,
+        **started,
+        "records": _wait_records(since, "net-pf-9"),
+        "status": guest.status(),
+    }
+
+
+PLANS["daemon"] = [
+    ("setup", d_setup),
+    ("nobody", d_nobody),
+    ("root", d_root),
+    ("restart", d_restart),
+]
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from kmodd.bpf.layout import USER_NS_INIT_INO
 from tests.conftest import root_required
 from tests.kerneltree import KernelTree
 from tests.vm import bpf_guest as g
-from tests.vm.harness import VENV_BIN, VMResult, boot
+from tests.vm.harness import VENV_BIN, VMResult, boot, install_prefix
 
 pytestmark = [pytest.mark.vm, root_required, pytest.mark.timeout(1500)]
 NO_BPF = "lsm=lockdown,capability,landlock,yama,apparmor,tomoyo"
@@ -204,3 +204,59 @@ def test_without_bpf_in_lsm_detection_says_inactive_and_the_program_never_runs(
     assert data["helper"] == ["-q -- net-pf-5"]  # ... and the deny table is never consulted
     assert data["events"] == []
     assert data["stats"]["json"]["REQUESTS"] == 0
+
+
+@pytest.fixture(scope="module")
+def vm_daemon(kernel_tree: KernelTree) -> VMResult:
+    script = f"exec {shlex.quote(str(VENV_BIN / 'python'))} -m tests.vm.bpf_guest daemon\n"
+    return boot(script, tree=kernel_tree, timeout_s=1200, prepare=install_prefix)
+
+
+def test_the_daemon_loads_the_layer_and_status_says_so(vm_daemon: VMResult) -> None:
+    data = step(vm_daemon, "setup")
+    kernel = data["status"]["json"]["layers"]["kernel"]
+    assert kernel["active"] is True, kernel
+    assert "request names decided in-kernel" in kernel["reason"]
+    print(f"\nkmodd start with the kernel layer: {data['start_s']} s (TCG)", file=sys.stderr)
+
+
+def test_the_daemon_journals_an_in_kernel_deny_with_the_exact_requester(
+    vm_daemon: VMResult,
+) -> None:
+    data = step(vm_daemon, "nobody")
+    assert data["trigger"]["json"]["uid"] == 65534
+    rec = only(data["records"])
+    assert rec["MESSAGE"].startswith("in-kernel: denied net-pf-5")
+    assert (rec["KMODD_VERDICT"], rec["KMODD_RULE"], rec["KMODD_LAYERS"]) == (
+        "deny",
+        "modharden",
+        "kernel",
+    )
+    assert (rec["KMODD_REQUESTER_UID"], rec["KMODD_REQUESTER_COMM"]) == ("65534", "python3")
+    assert rec["OBJECT_PID"].isdigit()
+    # the helper never ran: it would have logged as kmodd-modprobe or asked the daemon
+    assert [r for r in data["helper_lines"] if r.get("SYSLOG_IDENTIFIER") != "kmodd"] == []
+    assert "appletalk" not in data["modules"]
+
+
+def test_roots_request_goes_to_the_helper_and_loads(vm_daemon: VMResult) -> None:
+    data = step(vm_daemon, "root")
+    assert data["trigger"]["json"]["outcomes"][0]["ok"] is True
+    rec = only(data["records"])
+    assert rec["KMODD_VERDICT"] == "allow" and "KMODD_LAYERS" not in rec
+    assert "appletalk" in data["modules"]
+
+
+def test_kill_9_keeps_kernel_enforcement_and_the_restart_adopts_it(vm_daemon: VMResult) -> None:
+    data = step(vm_daemon, "restart")
+    assert data["killed"] == -9
+    assert data["trigger"]["json"]["outcomes"][0]["ok"] is False
+    assert "x25" not in data["modules"]
+    kernel = data["status"]["json"]["layers"]["kernel"]
+    assert kernel["active"] is True and "adopted from /sys/fs/bpf/kmodd" in kernel["reason"]
+    rec = only(data["records"])  # refused while no daemon ran; journaled by the new one
+    assert (rec["KMODD_RULE"], rec["KMODD_LAYERS"], rec["KMODD_REQUESTER_CONTAINER"]) == (
+        "modharden",
+        "kernel",
+        "no",
+    )
