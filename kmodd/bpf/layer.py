@@ -125,7 +125,9 @@ class KernelLayer:
                     with contextlib.suppress(FileNotFoundError):
                         (pin_dir / pin).unlink()
                     link.pin(str(pin_dir / pin))
-        return cls.adopt(pin_dir)
+        layer = cls.adopt(pin_dir)
+        layer.adopted = False
+        return layer
 
     @staticmethod
     def uninstall(pin_dir: Path = PIN_DIR) -> list[str]:

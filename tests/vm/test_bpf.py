@@ -216,6 +216,7 @@ def test_the_daemon_loads_the_layer_and_status_says_so(vm_daemon: VMResult) -> N
     data = step(vm_daemon, "setup")
     kernel = data["status"]["json"]["layers"]["kernel"]
     assert kernel["active"] is True, kernel
+    assert "loaded and pinned under /sys/fs/bpf/kmodd" in kernel["reason"]
     assert "request names decided in-kernel" in kernel["reason"]
     print(f"\nkmodd start with the kernel layer: {data['start_s']} s (TCG)", file=sys.stderr)
 
