@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import bench_core, daemon_bench, helper_bench, spawn
+from bench import bench_core, boot_bench, daemon_bench, helper_bench, spawn
 from bench.report import machine, print_figures, table, write_doc
 from bench.stats import Figure
 from bench.system import REPO, Daemon, temp_root
@@ -94,8 +94,10 @@ def runtime_figures(
             print_figures(cli)
         finally:
             daemon.stop()
+        boot = boot_bench.boot_publish_figures(r, plan.helper_runs)  # the store it left
+        print_figures(boot)
         # The doc's order: the figures first, what explains them after.
-        return single + storm + start + load + reload + gen, cli
+        return single + storm + boot + start + load + reload + gen, cli
 
 
 def run(args: argparse.Namespace, journal: str, journald_pid: int | None = None) -> int:

@@ -6,25 +6,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmodd import helper
+from kmodd import bootpublish, helper
 from kmodd.errors import KmoddError
 
 # kmod's precedence (libkmod default_config_paths): the first directory holding a
-# basename wins; files are then applied in strcmp order of their basenames.
-MODPROBE_D_DIRS = (
-    "etc/modprobe.d",
-    "run/modprobe.d",
-    "usr/local/lib/modprobe.d",
-    "usr/lib/modprobe.d",
-    "lib/modprobe.d",
-)
-# Policy drop-ins, lowest to highest: a higher dir replaces the same basename.
-POLICY_DIRS = (
-    "usr/lib/kmodd/policy.d",
-    "etc/kmodd/policy.d",
-    "run/kmodd/policy.d",
-)
-ENFORCEMENT_FILE = "run/modprobe.d/00-kmodd.conf"
+# basename wins; files are then applied in strcmp order of their basenames.  Policy
+# drop-ins, lowest to highest: a higher dir replaces the same basename.  Both lists, the
+# enforcement file and the last-good store live in kmodd/bootpublish.py (the boot step
+# digests the same dirs and may import nothing from kmodd).
+MODPROBE_D_DIRS = bootpublish.MODPROBE_D_DIRS
+POLICY_DIRS = bootpublish.POLICY_DIRS
+ENFORCEMENT_FILE = bootpublish.ENFORCEMENT_FILE
 # Where `kmodctl install` puts the helper and what kernel.modprobe points at (the sysctl.d
 # drop-in, the daemon's --helper-path default, the deny stub of the rendered file).
 HELPER_PATH = "/usr/local/libexec/kmodd/kmodd-modprobe"
@@ -55,6 +47,11 @@ class Paths:
     @property
     def enforcement_file(self) -> Path:
         return self.root / ENFORCEMENT_FILE
+
+    @property
+    def store_dir(self) -> Path:
+        """The last good generation, persisted outside /run (kmodd.daemon.persist)."""
+        return self.root / bootpublish.STORE_DIR
 
     @property
     def decide_socket(self) -> Path:

@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import kmodd
-from kmodd import helper
+from kmodd import bootpublish, helper
 from kmodd.atomic import write_atomic
 from kmodd.bpf.layer import MAPS, PIN_DIR, PROGRAMS
 from kmodd.cli.common import print_json, wants_json
@@ -35,13 +35,20 @@ from kmodd.host.modprobe_path import ModprobePath
 from kmodd.paths import ENFORCEMENT_FILE, HELPER_PATH
 
 HELPER_DEST = HELPER_PATH.lstrip("/")  # under --prefix
+BOOT_PUBLISH_DEST = "usr/local/libexec/kmodd/kmodd-boot-publish"  # kmodd/bootpublish.py
 UNIT_DIR = "usr/local/lib/systemd/system"
 SYSCTL_DEST = "usr/local/lib/sysctl.d/50-kmodd.conf"
 TMPFILES_DEST = "usr/local/lib/tmpfiles.d/kmodd.conf"
 CATALOG_DEST = "usr/local/lib/systemd/catalog/kmodd.catalog"
 POLICY_DEST = "usr/lib/kmodd/policy.d"
 MANIFEST = "usr/local/lib/kmodd/install-manifest.json"
-UNITS = ("kmodd.service", "kmodd-decide.socket", "kmodd-control.socket")
+UNITS = (
+    "kmodd.service",
+    "kmodd-decide.socket",
+    "kmodd-control.socket",
+    "kmodd-boot-publish.service",
+    "kmodd-boot-wait.service",
+)
 DEFAULT_PYTHON = "/usr/bin/python3"
 ELF_MAGIC = b"\x7fELF"
 MIN_PYTHON = (3, 11)  # what the project (and so the helper) is tested with
@@ -142,24 +149,36 @@ def check_interpreter(python: Path) -> None:
         )
 
 
-def helper_source(python: Path) -> bytes:
-    lines = Path(helper.__file__).read_bytes().split(b"\n", 1)
+def helper_source(python: Path, script: Path | None = None) -> bytes:
+    """SCRIPT (default: the helper) with its shebang pinned to PYTHON -IS."""
+    lines = Path(script or helper.__file__).read_bytes().split(b"\n", 1)
     body = lines[1] if lines[0].startswith(b"#!") else b"\n".join(lines)
     return f"#!{python} -IS\n".encode() + body
 
 
-def render(template: str, bindir: Path) -> bytes:
-    """Substitute @BINDIR@ (the venv holding kmodd/kmodctl) and @HELPER@."""
-    text = template.replace("@BINDIR@", str(bindir)).replace("@HELPER@", "/" + HELPER_DEST)
-    return text.encode()
+def render(template: str, bindir: Path, python: Path = Path(DEFAULT_PYTHON)) -> bytes:
+    """Substitute @BINDIR@ (the venv holding kmodd/kmodctl), @HELPER@, @BOOT_PUBLISH@ and
+    @PYTHON@ (the interpreter of the helper and the boot step)."""
+    for key, value in (
+        ("@BINDIR@", str(bindir)),
+        ("@HELPER@", "/" + HELPER_DEST),
+        ("@BOOT_PUBLISH@", "/" + BOOT_PUBLISH_DEST),
+        ("@PYTHON@", str(python)),
+    ):
+        template = template.replace(key, value)
+    return template.encode()
 
 
 def plan(shipped: Shipped, bindir: Path, python: Path) -> list[FileSpec]:
     """Every file to install, with its final content and mode."""
     units = shipped.systemd
-    specs = [FileSpec(HELPER_DEST, helper_source(python), 0o755)]
+    publisher = Path(bootpublish.__file__)
+    specs = [
+        FileSpec(HELPER_DEST, helper_source(python), 0o755),
+        FileSpec(BOOT_PUBLISH_DEST, helper_source(python, publisher), 0o755),
+    ]
     specs += [
-        FileSpec(f"{UNIT_DIR}/{unit}", render((units / unit).read_text(), bindir), 0o644)
+        FileSpec(f"{UNIT_DIR}/{unit}", render((units / unit).read_text(), bindir, python), 0o644)
         for unit in UNITS
     ]
     specs.append(
@@ -224,7 +243,7 @@ def _install_file(prefix: Path, spec: FileSpec, dry_run: bool, steps: list[Step]
     path = prefix / spec.dest
     _ensure_dir(prefix, Path(spec.dest).parent, dry_run, steps)
     detail = f"{spec.mode:04o}"
-    if spec.dest == HELPER_DEST:
+    if spec.dest in (HELPER_DEST, BOOT_PUBLISH_DEST):
         shebang = spec.content.split(b"\n", 1)[0].decode()
         detail += f", {shebang}"
     if _up_to_date(path, spec):
@@ -342,10 +361,16 @@ def uninstall(
             _remove(prefix / rel, dry_run, steps)
     # Without the daemon, the rendered deny file would go on blocking modules nobody
     # manages any more; the helper snapshot is meaningless without the helper.
-    for rel in (ENFORCEMENT_FILE, f"{helper.RUNTIME_DIR.lstrip('/')}/{helper.SNAPSHOT_FILE}"):
+    runtime = helper.RUNTIME_DIR.lstrip("/")
+    for rel in (
+        ENFORCEMENT_FILE,
+        f"{runtime}/{helper.SNAPSHOT_FILE}",
+        f"{runtime}/{bootpublish.PUBLISHED_FILE}",
+    ):
         if (prefix / rel).exists():
             _remove(prefix / rel, dry_run, steps)
     _unpin_kernel_layer(prefix, dry_run, steps)
+    _remove_store(prefix, dry_run, steps)
     for rel in sorted(filter(_safe_rel, manifest.dirs), key=lambda d: -len(Path(d).parts)):
         _remove_dir(prefix / rel, dry_run, steps)
     if _systemd_running(prefix):
@@ -363,6 +388,20 @@ def _unpin_kernel_layer(prefix: Path, dry_run: bool, steps: list[Step]) -> None:
         if (pins / name).exists():
             _remove(pins / name, dry_run, steps)
     _remove_dir(pins, dry_run, steps)
+
+
+def _remove_store(prefix: Path, dry_run: bool, steps: list[Step]) -> None:
+    """The last-good store: with the boot step gone, nothing would ever publish it."""
+    store = prefix / bootpublish.STORE_DIR
+    if not store.is_dir() or store.is_symlink():
+        return
+    for entry in sorted(store.iterdir()):
+        if entry.name == bootpublish.MANIFEST or entry.name.startswith(
+            ("enforcement.", "snapshot.")
+        ):
+            _remove(entry, dry_run, steps)
+    _remove_dir(store, dry_run, steps)
+    _remove_dir(store.parent, dry_run, steps)
 
 
 def _default_plan() -> list[FileSpec]:
@@ -456,7 +495,8 @@ VERBS: tuple[VerbSpec, ...] = (
         "kmodd.cli.install:run_install",
         _install_arguments,
         description="Put kmodd's system files in place (idempotent) and print what was done:"
-        f" /{HELPER_DEST} (0755, root), /{UNIT_DIR}/{{{','.join(UNITS)}}},"
+        f" /{HELPER_DEST} and /{BOOT_PUBLISH_DEST} (0755, root),"
+        f" /{UNIT_DIR}/{{{','.join(UNITS)}}},"
         f" /{SYSCTL_DEST}, /{TMPFILES_DEST}, /{POLICY_DEST}/*.yaml."
         " It does not enable or start anything.",
         epilog="examples:\n  kmodctl install --dry-run\n  kmodctl install\n"
@@ -469,7 +509,8 @@ VERBS: tuple[VerbSpec, ...] = (
         _common_arguments,
         description="Disable and stop the units (live system), point kernel.modprobe back at"
         " its previous value, remove every installed file, the rendered"
-        f" /{ENFORCEMENT_FILE} and the directories install created.",
+        f" /{ENFORCEMENT_FILE}, the last-good store /{bootpublish.STORE_DIR} and the"
+        " directories install created.",
         epilog="examples:\n  kmodctl uninstall --dry-run\n  kmodctl uninstall",
     ),
 )

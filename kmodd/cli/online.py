@@ -15,6 +15,18 @@ from kmodd.contract.status import StatusDocument, parse_status
 from kmodd.errors import KmoddError
 from kmodd.paths import make_paths
 
+
+def _reload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--accept-removed",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="drop policy dir DIR on purpose: without this, a generation that lost a dir"
+        " the last good one had files in is refused (repeatable)",
+    )
+
+
 VERBS: tuple[VerbSpec, ...] = (
     VerbSpec(
         Verb.STATUS,
@@ -31,9 +43,11 @@ VERBS: tuple[VerbSpec, ...] = (
         Verb.RELOAD,
         "reload the policy now and wait for the result",
         "kmodd.cli.online:reload",
+        add_arguments=_reload_arguments,
         description="Ask kmodd (root only) to build a new policy generation.  Waits until"
         " it is live; on failure prints every error (FILE:LINE:COL) and exits 1 while the"
         " daemon keeps the previous generation.",
+        epilog="examples:\n  kmodctl reload\n  kmodctl reload --accept-removed /etc/kmodd/policy.d",
     ),
 )
 
@@ -63,7 +77,10 @@ def status(args: argparse.Namespace) -> int:
 
 def reload(args: argparse.Namespace) -> int:
     try:
-        reply = client.call(_socket(args), wire.Method.RELOAD, timeout=client.RELOAD_TIMEOUT_S)
+        params = {"accept_removed": args.accept_removed} if args.accept_removed else None
+        reply = client.call(
+            _socket(args), wire.Method.RELOAD, params, timeout=client.RELOAD_TIMEOUT_S
+        )
     except wire.RemoteError as err:
         if err.name != wire.ErrorName.RELOAD_FAILED:
             raise _remote(err) from None
@@ -149,6 +166,18 @@ def _attribution_line(doc: StatusDocument) -> str:
     )
 
 
+def _last_good_lines(doc: StatusDocument) -> list[str]:
+    lg = doc.get("last_good")
+    if lg is None:
+        return []
+    if lg["fallback"] is not None:
+        return [f"last good:   ENFORCING IT: {lg['fallback']['message']}"]
+    stored = lg["stored"]
+    line = "none" if stored is None else f"generation {stored['generation']} in {lg['store']}"
+    notes = (lg["refused"], lg["persist_note"], lg["boot_published"])
+    return [f"last good:   {line}", *(f"  {note}" for note in notes if note)]
+
+
 def _layer_lines(doc: StatusDocument) -> list[str]:
     layers = doc["layers"]
     return ["layers:"] + [
@@ -175,6 +204,7 @@ def render_status(doc: StatusDocument) -> str:
         f"kmodd:       running, pid {doc['pid']}, up {_duration(doc['uptime_s'])}",
         *_generation_lines(doc),
         *_reload_lines(doc),
+        *_last_good_lines(doc),
         f"decisions:   {_counts(d['verdicts'])}",
         f"  by rule:   {_counts(d['rules'])}",
         f"  by source: {_counts(d['sources'])}",

@@ -125,6 +125,34 @@ class UdevInfo(TypedDict):
     lost: int  # monitor failures recovered from
 
 
+class StoredInfo(TypedDict):
+    generation: int
+    hash: str
+    release: str
+    created: float
+    inputs: str  # the combined inputs digest
+    policy_dirs: list[str]  # dirs that held policy files
+
+
+class FallbackInfo(TypedDict):
+    generation: int
+    hash: str
+    message: str
+
+
+class LastGoodInfo(TypedDict):
+    """The persisted store (kmodd.daemon.lastgood, docs/operations.md "Last good")."""
+
+    store: str
+    stored: StoredInfo | None
+    refused: str | None  # why the store was not trusted
+    boot_published: str | None  # RUNTIME_DIR/published at start
+    fallback: FallbackInfo | None  # enforcing the stored generation: the policy is invalid
+    verified: str | None  # the first build equalled the stored generation
+    persist_note: str | None  # why the last generation was not persisted
+    accept_removed_pending: list[str]
+
+
 class StatusDocument(TypedDict):
     pid: int
     uptime_s: float
@@ -150,6 +178,7 @@ class StatusDocument(TypedDict):
     layers: Layers
     watcher: WatcherInfo | None  # None: not watching (--no-watch)
     udev: UdevInfo | None  # None: no monitor (--no-udev, or it failed to open)
+    last_good: LastGoodInfo | None  # None: a core without a store (tests)
 
 
 def parse_status(params: dict[str, Any]) -> StatusDocument:

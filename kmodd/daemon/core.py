@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kmodd import helper, wire
 from kmodd.atomic import write_atomic
@@ -59,6 +60,9 @@ from kmodd.host.proc import Requester
 from kmodd.paths import Paths
 from kmodd.policy.engine import Decision
 from kmodd.policy.types import Source, Verdict
+
+if TYPE_CHECKING:
+    from kmodd.daemon.lastgood import LastGood
 
 DEVICES_MAX = 8192  # devices remembered for status (a server has a few hundred)
 TICK_S = 5.0  # tamper check and STATUS= refresh; the watchdog may ask for a shorter one
@@ -125,6 +129,7 @@ class Edges:
     recoldplug: Callable[[], None] | None = None
     reassert: bool = False  # re-point kernel.modprobe at the helper after tampering
     attributor: Attributor | None = None  # who asked (tracefs); None: not attempted
+    last_good: LastGood | None = None  # the persisted store (kmodd.daemon.lastgood)
     udev: UdevLike | None = None  # the running uevent monitor
     watcher: WatcherLike | None = None  # the running file watcher
     kernel: KernelLike | None = None  # the BPF LSM layer (daemon/kernel_layer.py)
@@ -178,6 +183,9 @@ class Core:
         server.add_reader(self._wake, self._drain)
         self.sink.emit(records.lifecycle(True, f"kmodd {os.getpid()} starting"))
         self._build_now(ReloadCause.START)
+        lg = self.edges.last_good  # READY only with enforcement in place (lastgood)
+        if lg is not None and not lg.enforcing(self.generation):
+            return lg.no_enforcement(self.last_reload.errors if self.last_reload else ())
         status = self.status_line()
         self.edges.notifier.ready(status)
         next_tick = self.edges.clock()
@@ -250,12 +258,18 @@ class Core:
     # --- generations --------------------------------------------------------------
 
     def _next_number(self) -> int:
+        if self.edges.last_good is not None:
+            return self.edges.last_good.next_number(self.generation)
         return 1 if self.generation is None else self.generation.number + 1
 
     def _build(self, cause: str) -> _Built:
         start = time.monotonic()
+        lg = self.edges.last_good
         try:
-            gen = publish(build_generation(self._next_number(), self.paths, self.options))
+            if lg is not None:
+                gen = lg.build(self._next_number(), self.generation)
+            else:
+                gen = publish(build_generation(self._next_number(), self.paths, self.options))
             if self.edges.kernel is not None:  # the kernel's tables with the files
                 self.edges.kernel.apply(gen)
         except Exception as err:  # every failure is reported; the old generation stays
@@ -289,6 +303,8 @@ class Core:
                 False, built.cause, time.time(), built.duration_s, kept, built.errors
             )
             self.sink.emit(records.reload_failed(built.errors, built.cause, kept))
+            if kept is None and self.edges.last_good is not None:
+                self.edges.last_good.fall_back(built.errors)
         if self._building:
             self.edges.notifier.ready(self.status_line())
         for reply in self._waiting:

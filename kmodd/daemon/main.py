@@ -27,6 +27,7 @@ from kmodd.daemon.events import ReloadCause, ReloadRequested, Stop
 from kmodd.daemon.generation import BuildOptions
 from kmodd.daemon.journal import JournalSink, default_sender, stream_sender
 from kmodd.daemon.kernel_layer import KernelEdge
+from kmodd.daemon.lastgood import LastGood
 from kmodd.daemon.notify import Notifier
 from kmodd.daemon.relay import NotifyRelay
 from kmodd.daemon.server import Kind, Server, activated_sockets, bind_unix, prepare_runtime_dir
@@ -159,6 +160,8 @@ def _modprobe_path(args: argparse.Namespace, paths: Paths, core: Core) -> None:
         core.sink.emit(records.notice(f"cannot manage kernel.modprobe: {err}", Priority.ERR))
         return
     core.edges.modprobe_path = mp
+    if core.edges.last_good is not None:  # the boot step points it there too next boot
+        core.edges.last_good.kernel_modprobe = args.helper_path
     core.sink.emit(records.notice(f"kernel.modprobe -> {args.helper_path} (was {previous})"))
 
 
@@ -256,7 +259,11 @@ def run(args: argparse.Namespace) -> int:
     relay = NotifyRelay(Notifier())
     relay.start()
     attributor = _attributor(args, sink)
-    edges = Edges(notifier=relay, reassert=args.reassert, attributor=attributor)
+    last_good = LastGood(paths, options, sink)
+    last_good.load()
+    edges = Edges(
+        notifier=relay, reassert=args.reassert, attributor=attributor, last_good=last_good
+    )
     core = Core(paths, options, sink, edges)
     cleanup: Cleanup = [sink.stop, relay.stop, core.close]
     if attributor is not None:

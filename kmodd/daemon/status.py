@@ -46,7 +46,7 @@ def dispatch(core: Core, call: wire.Call, peer: Peer, respond: Respond) -> None:
             case wire.Method.STATUS:
                 respond(wire.encode_reply(status(core)))
             case wire.Method.RELOAD:
-                reload(core, respond)
+                reload(core, respond, call.parameters)
             case wire.Method.EXPLAIN:
                 respond(decide(core, call.parameters, peer, log=False))
             case wire.Method.DECIDE:
@@ -55,7 +55,13 @@ def dispatch(core: Core, call: wire.Call, peer: Peer, respond: Respond) -> None:
         respond(wire.encode_error(wire.ErrorName.INTERNAL, f"{type(err).__name__}: {err}"))
 
 
-def reload(core: Core, respond: Respond) -> None:
+def reload(core: Core, respond: Respond, params: dict[str, Any] | None = None) -> None:
+    lg = core.edges.last_good  # `kmodctl reload --accept-removed DIR` (kmodd.daemon.lastgood)
+    problem = None if lg is None else lg.accept((params or {}).get("accept_removed", []))
+    if problem is not None:
+        respond(wire.encode_error(wire.ErrorName.INVALID_PARAMETER, problem))
+        return
+
     def done(error: str | None) -> None:
         gen = core.generation
         if error is None and gen is not None:
@@ -295,6 +301,7 @@ def status(core: Core) -> StatusDocument:
         layers=layers(core),
         watcher=_watcher(core),
         udev=_udev(core),
+        last_good=None if core.edges.last_good is None else core.edges.last_good.status(),
     )
 
 

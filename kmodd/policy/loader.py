@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from kmodd import bootpublish
 from kmodd.errors import InvalidInputError, Issue
-from kmodd.paths import Paths
+from kmodd.paths import POLICY_DIRS, Paths
 from kmodd.policy.model import Action, LocatedRule, Mode, PolicyFile, PolicySet, PolicySource
 from kmodd.policy.yamlnodes import Document, Mark, Path_, load_document
 
@@ -50,16 +51,55 @@ def collect_policy_files(paths: Paths) -> tuple[list[Path], list[Path]]:
 
 
 def _check_dir(directory: Path) -> None:
-    """Whoever can write a policy dir can delete or mask root's files in it: refused like
-    an unsafe file."""
+    """Whoever can write a policy dir can delete or mask root's files in it, and whoever
+    can write (or owns) one of its parents can rename it away: both refused like an
+    unsafe file (a vanished dir is then caught by check_lost_dirs)."""
     try:
         unsafe = _unsafe_owner_or_mode(directory.stat())
+        hint = f"chown root {directory} && chmod go-w {directory}"
+        parent = None if unsafe is not None else bootpublish.unsafe_parent(str(directory))
+        if parent is not None:
+            where, why = parent
+            unsafe = f"is unsafe: its parent {where} is {why}, who could move it away"
+            hint = f"chown root:root {where} && chmod go-w {where}, or move the policy dir"
     except OSError as err:
         unsafe = f"cannot stat: {err.strerror}"
     if unsafe is not None:
-        hint = "chown root and chmod go-w the policy directory"
         issue = Issue(str(directory), 0, 0, f"policy dir {unsafe}", hint)
         raise InvalidInputError([issue], what="policy")
+
+
+def dirs_in_use(paths: Paths) -> tuple[str, ...]:
+    """The policy dirs (relative to the root) that hold at least one policy file or mask:
+    what a later generation must not silently lose (check_lost_dirs)."""
+    found = []
+    for rel, directory in zip(POLICY_DIRS, paths.policy_dirs, strict=True):
+        try:
+            names = [entry.name for entry in directory.iterdir()]
+        except OSError:
+            continue
+        if any(n.endswith(SUFFIX) and not n.startswith(".") for n in names):
+            found.append(rel)
+    return tuple(found)
+
+
+def check_lost_dirs(paths: Paths, previous: Sequence[str], accepted: Collection[str]) -> None:
+    """Refuse a generation that lost a policy dir the last good one had files in (moved
+    away, unmounted, deleted), unless the admin said so (`kmodctl reload --accept-removed
+    DIR`): a reload with zero files would quietly allow everything the dir denied.
+    Not the runtime dir (run/kmodd/policy.d): it is gone after every reboot by design,
+    and only root may remove it (its parents are checked like every policy dir's)."""
+    issues = []
+    for rel in previous:
+        directory = paths.root / rel
+        volatile = rel == POLICY_DIRS[-1]
+        if rel in accepted or rel not in POLICY_DIRS or volatile or directory.is_dir():
+            continue
+        message = "policy dir is gone, but the last good generation had policy files in it"
+        hint = f"restore it; to drop it on purpose: kmodctl reload --accept-removed /{rel}"
+        issues.append(Issue(str(directory), 0, 0, message, hint))
+    if issues:
+        raise InvalidInputError(issues, what="policy")
 
 
 def _is_mask(path: Path) -> bool:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import helper
+from kmodd import bootpublish, helper
 from kmodd.cli.install import (
+    BOOT_PUBLISH_DEST,
     HELPER_DEST,
     MANIFEST,
     POLICY_DEST,
@@ -312,3 +313,37 @@ def test_uninstall_unpins_the_kernel_layer(tmp_path: Path) -> None:
     removed = {s.path for s in steps if s.action is Action.REMOVED}
     assert {str(pins / n) for n in (*PROGRAMS.values(), *MAPS)} <= removed
     assert not pins.exists()
+
+
+def test_boot_publisher_is_installed_and_runs_through_its_shebang(
+    prefix: Path, tmp_path: Path
+) -> None:
+    do_install(prefix)
+    script = prefix / BOOT_PUBLISH_DEST
+    assert stat.S_IMODE(script.stat().st_mode) == 0o755
+    first, rest = script.read_bytes().split(b"\n", 1)
+    assert first == b"#!/usr/bin/python3 -IS"
+    assert rest == Path(bootpublish.__file__).read_bytes().split(b"\n", 1)[1]
+    unit = (prefix / UNIT_DIR / "kmodd-boot-publish.service").read_text()
+    assert f"ExecStart=/usr/bin/python3 -IS /{BOOT_PUBLISH_DEST}\n" in unit
+    empty = tmp_path / "empty-root"
+    empty.mkdir()
+    result = subprocess.run(
+        [script, "--root", str(empty), "--runtime-dir", str(tmp_path / "rt")],
+        capture_output=True, text=True, env={}, check=False, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0 and "no last good generation" in result.stdout
+
+
+def test_uninstall_removes_the_last_good_store(prefix: Path) -> None:
+    do_install(prefix)
+    store = prefix / bootpublish.STORE_DIR
+    store.mkdir(parents=True)
+    for name in (bootpublish.MANIFEST, "snapshot.0123456789abcdef", "enforcement.01.conf"):
+        (store / name).write_text("x\n")
+    (prefix / "run/kmodd").mkdir(parents=True)
+    (prefix / "run/kmodd" / bootpublish.PUBLISHED_FILE).write_text("daemon generation 1\n")
+    uninstall(prefix)
+    assert not store.exists() and not store.parent.exists()
+    assert not (prefix / "run/kmodd" / bootpublish.PUBLISHED_FILE).exists()
+    assert (prefix / "var/lib").is_dir()  # not ours

@@ -17,12 +17,15 @@ from kmodd.cli.online import render_status
 from kmodd.contract.status import (
     ConflictInfo,
     DecisionCounters,
+    FallbackInfo,
     GenerationInfo,
     KernelModprobe,
+    LastGoodInfo,
     LayerState,
     LoadedDenied,
     ReloadInfo,
     StatusDocument,
+    StoredInfo,
     UdevInfo,
     WatcherInfo,
 )
@@ -127,6 +130,7 @@ def status_doc(**over: Any) -> StatusDocument:
         },
         watcher=WatcherInfo(running=True, errors=3),
         udev=UdevInfo(running=True, source="udev", events=5, skipped=1, lost=2),
+        last_good=None,
     )
     doc.update(over)  # type: ignore[typeddict-item]
     return doc
@@ -153,3 +157,22 @@ def test_render_status_says_what_matters() -> None:
 def test_render_status_without_generation() -> None:
     text = render_status(status_doc(generation=None))
     assert "generation:  NONE" in text
+
+
+def test_render_status_shows_the_last_good_generation() -> None:
+    stored = StoredInfo(
+        generation=6, hash="ef" * 32, release="6.1.0-test-amd64", created=0.0, inputs="00",
+        policy_dirs=["/etc/kmodd/policy.d"],
+    )  # fmt: skip
+    last_good = LastGoodInfo(
+        store="/var/lib/kmodd/last-good", stored=stored, refused=None,
+        boot_published="boot-publish generation 6 hash efef", fallback=None, verified=None,
+        persist_note=None, accept_removed_pending=[],
+    )  # fmt: skip
+    text = render_status(status_doc(last_good=last_good))
+    assert "last good:   generation 6 in /var/lib/kmodd/last-good\n" in text
+    assert "  boot-publish generation 6 hash efef\n" in text
+    message = "policy invalid (1 error(s)): enforcing the last good generation 6"
+    last_good["fallback"] = FallbackInfo(generation=6, hash="ef" * 32, message=message)
+    text = render_status(status_doc(generation=None, last_good=last_good))
+    assert f"last good:   ENFORCING IT: {message}\n" in text

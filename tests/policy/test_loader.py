@@ -10,7 +10,13 @@ import pytest
 
 from kmodd.errors import InvalidInputError
 from kmodd.paths import Paths
-from kmodd.policy.loader import MAX_FILE_BYTES, load_policy, load_policy_files
+from kmodd.policy.loader import (
+    MAX_FILE_BYTES,
+    check_lost_dirs,
+    dirs_in_use,
+    load_policy,
+    load_policy_files,
+)
 from kmodd.policy.types import Action, Mode
 
 GOOD = """\
@@ -211,3 +217,36 @@ def test_positions_count_only_newlines(tmp_path: Path) -> None:
 def test_bad_utf8_is_located(tmp_path: Path) -> None:
     (found,) = problems(write(tmp_path / "b.yaml", b"kmodd: 1\nmode: \xff\n"))
     assert ":2:7: not valid UTF-8 (byte 0xff)" in found
+
+
+def test_policy_dir_under_a_writable_parent_is_refused(tmp_path: Path) -> None:
+    write(tmp_path / "etc/kmodd/policy.d/10-a.yaml", GOOD)
+    parent = tmp_path / "etc/kmodd"
+    parent.chmod(0o777)  # anyone may rename policy.d away and put their own there
+    with pytest.raises(InvalidInputError) as info:
+        load_policy(paths_for(tmp_path))
+    (found,) = map(str, info.value.issues)
+    assert found.startswith(f"{parent}/policy.d: policy dir is unsafe: its parent {parent}")
+    assert "writable by every user, who could move it away" in found
+    assert f"chown root:root {parent} && chmod go-w {parent}" in found
+    parent.chmod(0o1777)  # sticky (like /tmp): only the owner of policy.d may rename it
+    assert [r.rule.id for r in load_policy(paths_for(tmp_path)).rules] == ["a"]
+
+
+def test_lost_policy_dir_is_refused_unless_accepted(tmp_path: Path) -> None:
+    write(tmp_path / "usr/lib/kmodd/policy.d/10-a.yaml", GOOD)
+    write(tmp_path / "etc/kmodd/policy.d/20-b.yaml", "kmodd: 1\n")
+    paths = paths_for(tmp_path)
+    had = dirs_in_use(paths)
+    assert had == ("usr/lib/kmodd/policy.d", "etc/kmodd/policy.d")
+    (tmp_path / "etc/kmodd/policy.d/20-b.yaml").unlink()  # emptied, still there: an edit
+    check_lost_dirs(paths, had, ())
+    (tmp_path / "etc/kmodd/policy.d").rmdir()
+    with pytest.raises(InvalidInputError) as info:
+        check_lost_dirs(paths, had, ())
+    (found,) = map(str, info.value.issues)
+    assert found.startswith(f"{tmp_path}/etc/kmodd/policy.d: policy dir is gone")
+    assert "kmodctl reload --accept-removed /etc/kmodd/policy.d" in found
+    check_lost_dirs(paths, had, {"etc/kmodd/policy.d"})
+    # The runtime dir is volatile by design (a reboot empties /run): never a lost dir.
+    check_lost_dirs(paths, ("run/kmodd/policy.d",), ())

@@ -135,3 +135,65 @@ def test_tmpfiles_creates_the_runtime_dirs(tmp_path: Path) -> None:
         st = (root / directory).stat()
         assert stat.S_ISDIR(st.st_mode)
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)
+
+
+def unit_values(path: Path, section: str, key: str) -> list[str]:
+    """Every word of KEY= in SECTION (repeated keys add up, as systemd reads them)."""
+    words: list[str] = []
+    current = ""
+    for line in path.read_text().splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and line.startswith(f"{key}="):
+            words += line.partition("=")[2].split()
+    return words
+
+
+def test_boot_ordering_keeps_kmodd_off_the_critical_chain(tmp_path: Path) -> None:
+    """The boot step (and, on the slow path, the wait) is what udev and modules-load.d
+    wait for; kmodd.service itself waits for nothing of sysinit and blocks nothing."""
+    units = {p.name: p for p in rendered_units(tmp_path)}
+    early = {"systemd-udevd.service", "systemd-udev-trigger.service"}
+    early |= {"systemd-modules-load.service", "sysinit.target"}
+    for name in ("kmodd-boot-publish.service", "kmodd-boot-wait.service"):
+        assert early <= set(unit_values(units[name], "Unit", "Before")), name
+        assert unit_values(units[name], "Unit", "DefaultDependencies") == ["no"]
+        assert unit_values(units[name], "Service", "ExecStart")[:2] == ["/usr/bin/python3", "-IS"]
+    service = units["kmodd.service"]
+    assert unit_values(service, "Unit", "Before") == ["shutdown.target"]
+    assert "kmodd-boot-publish.service" in unit_values(service, "Unit", "After")
+    # The wait must not be ordered after the daemon (udev would wait for it every boot).
+    wait = units["kmodd-boot-wait.service"]
+    assert "kmodd.service" not in unit_values(wait, "Unit", "After")
+    assert unit_values(wait, "Unit", "ConditionPathExists") == ["!/run/kmodd/published"]
+    assert unit_values(service, "Service", "RestartPreventExitStatus") == ["78"]
+    assert unit_values(service, "Install", "Also") == [
+        "kmodd-boot-publish.service",
+        "kmodd-boot-wait.service",
+    ]
+
+
+def test_verify_catches_an_ordering_cycle_of_the_boot_units(tmp_path: Path) -> None:
+    # Why kmodd-boot-wait is not After=kmodd.service and kmodd.service keeps
+    # DefaultDependencies=no: with both, sysinit.target -> wait -> kmodd -> sysinit.target.
+    # systemd-analyze verify builds the start transaction and finds it (systemd 252+).
+    units = {p.name: p for p in rendered_units(tmp_path)}
+    wait, service = units["kmodd-boot-wait.service"], units["kmodd.service"]
+    wait.write_text(wait.read_text().replace("[Unit]\n", "[Unit]\nAfter=kmodd.service\n", 1))
+    text = service.read_text().replace("DefaultDependencies=no", "DefaultDependencies=yes")
+    service.write_text(text)
+    code, err = verify(*units.values())
+    assert code != 0 and "ordering cycle" in err, err
+
+
+def test_boot_units_are_hardened(tmp_path: Path) -> None:
+    # 1.7 (publish: writes /run and kernel.modprobe, reads the module tree) and 1.3 (wait).
+    units = {p.name: p for p in rendered_units(tmp_path)}
+    for name in ("kmodd-boot-publish.service", "kmodd-boot-wait.service"):
+        result = subprocess.run(
+            ["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(units[name])],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout[-400:]
