@@ -607,32 +607,7 @@ def d_root(_guest: Guest) -> dict[str, Any]:
     }
 
 
-def d_restart(guest: Guest) -> dict[str, Any]:
-    """kill -9 the daemon; a user's request is still refused in-kernel; the restarted
-    daemon adopts the pins and journals the refusal it missed (the ring kept it)."""
-    from tests.vm.guest import now_us  # noqa: PLC0415
-
-    since = now_us()
-    killed = guest.kill_daemon()
-    outcome = trigger(NOBODY, f"socket:{AF_X25}:5")
-    modules = loaded_modules()
-    started = guest.start_daemon()
-    return {
-        "killed": killed,
-        "trigger": outcome,
-        "modules": modules,
-        **started,
-        "records": _wait_records(since, "net-pf-9"),
-        "status": guest.status(),
-    }
-
-
-PLANS["daemon"] = [
-    ("setup", d_setup),
-    ("nobody", d_nobody),
-    ("root", d_root),
-    ("restart", d_restart),
-]
+PLANS["daemon"] = [("setup", d_setup), ("nobody", d_nobody), ("root", d_root)]
 
 
 if __name__ == "__main__":

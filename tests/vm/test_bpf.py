@@ -246,18 +246,3 @@ def test_roots_request_goes_to_the_helper_and_loads(vm_daemon: VMResult) -> None
     rec = only(data["records"])
     assert rec["KMODD_VERDICT"] == "allow" and "KMODD_LAYERS" not in rec
     assert "appletalk" in data["modules"]
-
-
-def test_kill_9_keeps_kernel_enforcement_and_the_restart_adopts_it(vm_daemon: VMResult) -> None:
-    data = step(vm_daemon, "restart")
-    assert data["killed"] == -9
-    assert data["trigger"]["json"]["outcomes"][0]["ok"] is False
-    assert "x25" not in data["modules"]
-    kernel = data["status"]["json"]["layers"]["kernel"]
-    assert kernel["active"] is True and "adopted from /sys/fs/bpf/kmodd" in kernel["reason"]
-    rec = only(data["records"])  # refused while no daemon ran; journaled by the new one
-    assert (rec["KMODD_RULE"], rec["KMODD_LAYERS"], rec["KMODD_REQUESTER_CONTAINER"]) == (
-        "modharden",
-        "kernel",
-        "no",
-    )
