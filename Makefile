@@ -9,12 +9,19 @@ VPY         := $(VENV)/bin/python
 # udev/systemd give the real udevd and journald the runtime tests talk to; virtme-ng
 # reads the kernel release of a vmlinuz with file(1); initramfs-tools (mkinitramfs,
 # lsinitramfs, unmkinitramfs), zstd and cpio build and read real initramfs images for the
-# early-boot hook's tests (~2.5 s per image).
+# early-boot hook's tests (~2.5 s per image); clang (bpf target) and libbpf-dev
+# (bpf_helpers.h) build the kernel layer's BPF object, libbpf1 loads it.
 APT_PACKAGES := kmod libkmod2 libsystemd-dev pkg-config gcc python3-dev python3-venv \
                 qemu-system-x86 udev systemd util-linux procps psmisc busybox-static \
-                ca-certificates file initramfs-tools zstd cpio
+                ca-certificates file initramfs-tools zstd cpio \
+                clang libbpf-dev libbpf1
 
-.PHONY: help apt venv kernel-tree trixie-chroot test test-fast lint demo bench clean
+# The kernel layer's BPF object (kmodd/bpf/kmodd.bpf.c): built here, shipped as package
+# data, so the target needs no compiler.  -g emits the BTF that CO-RE and libbpf need.
+BPF_OBJ     := kmodd/bpf/kmodd.bpf.o
+BPF_CFLAGS  := -O2 -g -Wall -Werror -target bpf -I/usr/include/$(shell uname -m)-linux-gnu
+
+.PHONY: help apt venv bpf kernel-tree trixie-chroot test test-fast lint demo bench clean
 
 help:
 	@echo "make test         install everything, then run the whole suite (what CI runs)"
@@ -39,7 +46,12 @@ $(VENV)/.stamp: pyproject.toml | apt
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $@
 
-venv: apt $(VENV)/.stamp
+venv: apt $(VENV)/.stamp bpf
+
+bpf: $(BPF_OBJ)
+
+$(BPF_OBJ): kmodd/bpf/kmodd.bpf.c | apt
+	clang $(BPF_CFLAGS) -c $< -o $@.tmp && mv $@.tmp $@
 
 # Debian 12's and Debian 13's kernel trees and Debian 13's kmod 34.2 (tests/kerneltree.py).
 kernel-tree: venv
@@ -73,4 +85,4 @@ bench: venv kernel-tree
 	$(VPY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(BPF_OBJ)

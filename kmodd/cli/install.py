@@ -27,6 +27,7 @@ from pathlib import Path
 import kmodd
 from kmodd import bootpublish, helper
 from kmodd.atomic import write_atomic
+from kmodd.bpf.layer import MAPS, PIN_DIR, PROGRAMS
 from kmodd.cli.common import print_json, wants_json
 from kmodd.cli.verbs import Verb, VerbSpec
 from kmodd.errors import KmoddError
@@ -386,12 +387,25 @@ def uninstall(
     ):
         if (prefix / rel).exists():
             _remove(prefix / rel, dry_run, steps)
+    _unpin_kernel_layer(prefix, dry_run, steps)
     _remove_store(prefix, dry_run, steps)
     for rel in sorted(filter(_safe_rel, manifest.dirs), key=lambda d: -len(Path(d).parts)):
         _remove_dir(prefix / rel, dry_run, steps)
     if _systemd_running(prefix):
         _systemctl(["daemon-reload"], steps, dry_run)
     return steps
+
+
+def _unpin_kernel_layer(prefix: Path, dry_run: bool, steps: list[Step]) -> None:
+    """Likewise the kernel layer: once unpinned (and the daemon stopped, holding no fds),
+    its programs detach."""
+    pins = prefix / str(PIN_DIR).lstrip("/")
+    if not pins.is_dir():
+        return
+    for name in (*PROGRAMS.values(), *MAPS):
+        if (pins / name).exists():
+            _remove(pins / name, dry_run, steps)
+    _remove_dir(pins, dry_run, steps)
 
 
 def _remove_store(prefix: Path, dry_run: bool, steps: list[Step]) -> None:

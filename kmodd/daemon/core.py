@@ -34,6 +34,7 @@ from kmodd.daemon.decider import Decider
 from kmodd.daemon.events import (
     Event,
     FilesChanged,
+    KernelEvents,
     ReloadCause,
     ReloadRequested,
     Stop,
@@ -197,6 +198,10 @@ class Core:
                 self._answer_parked()
             case Stop(reason=reason):
                 self._stopping = reason
+            case KernelEvents():
+                if self.edges.kernel is not None:
+                    for record in self.edges.kernel.records(event, self.generation):
+                        self.sink.emit(record)
 
     # --- generations --------------------------------------------------------------
 
@@ -214,6 +219,8 @@ class Core:
                 gen = lg.build(number, self.generation, self.tree_index)
             else:
                 gen = publish(build_generation(number, self.paths, self.options, self.tree_index))
+            if self.edges.kernel is not None:  # the kernel's tables with the files
+                self.edges.kernel.apply(gen)
         except Exception as err:  # every failure is reported; the old generation stays
             took = time.monotonic() - start
             return _Built(cause, detail, None, tuple(error_lines(err)), took)
@@ -408,6 +415,7 @@ class Core:
             attribution=None if edges.attributor is None else edges.attributor.status(),
             udev=edges.udev,
             watcher=edges.watcher,
+            kernel=edges.kernel,
             last_good=None if edges.last_good is None else edges.last_good.status(),
             decide=decide,
         )

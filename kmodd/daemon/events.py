@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from kmodd.bpf.layout import KernelEvent
+
 
 class ReloadCause(StrEnum):
     START = "start"
@@ -67,5 +69,12 @@ class Stop:
     reason: str
 
 
-Event = FilesChanged | UdevDevice | UdevLost | ReloadRequested | Traced | Stop
+@dataclass(frozen=True, slots=True)
+class KernelEvents:
+    """What the kernel layer's hooks saw (daemon/kernel_layer.py's reader thread)."""
+
+    events: tuple[KernelEvent, ...]
+
+
+Event = FilesChanged | UdevDevice | UdevLost | ReloadRequested | Traced | Stop | KernelEvents
 Post = Callable[[Event], None]

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -87,6 +88,8 @@ class Generation:
     builtins: frozenset[str] = frozenset()
     initramfs: PolicyRecord | None = None  # what the current initramfs carries (status)
     created: float = field(default_factory=time.time)
+    # what the build resolved (the snapshot's names): the kernel layer's tables reuse it
+    resolutions: Mapping[str, Resolution] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def mode(self) -> Mode:
@@ -219,6 +222,7 @@ def build_generation(
         coverage=covered,
         builtins=builtins,
         initramfs=initramfs,
+        resolutions=tree.known,
     )
 
 

@@ -26,6 +26,7 @@ from kmodd.daemon.core import Core
 from kmodd.daemon.events import ReloadCause, ReloadRequested, Stop
 from kmodd.daemon.generation import BuildOptions
 from kmodd.daemon.journal import JournalSink, default_sender, stream_sender
+from kmodd.daemon.kernel_layer import KernelEdge
 from kmodd.daemon.lastgood import LastGood
 from kmodd.daemon.notify import Notifier
 from kmodd.daemon.ports import Edges
@@ -98,6 +99,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--no-attribution",
         action="store_true",
         help="do not trace module_request to learn who asked (docs/attribution.md)",
+    )
+    p.add_argument(
+        "--no-kernel-layer",
+        action="store_true",
+        help="do not load the BPF LSM layer (docs/attribution.md); pins already there stay",
     )
     p.add_argument(
         "--log-stderr",
@@ -225,6 +231,20 @@ def _attributor(args: argparse.Namespace, sink: JournalSink) -> Attributor | Non
     return attributor
 
 
+def _kernel(args: argparse.Namespace, core: Core, cleanup: Cleanup) -> None:
+    """The BPF LSM layer (only for the live system): attached, or inactive with why."""
+    if args.no_kernel_layer or Path(args.root) != Path("/"):
+        return
+    edge = KernelEdge.start(core.post)
+    core.edges.kernel = edge
+    cleanup.append(edge.stop)
+    state = edge.state()
+    text = f"kernel layer {'active' if edge.active else 'inactive'}: {state['reason']}"
+    core.sink.emit(records.notice(text, Priority.NOTICE if edge.active else Priority.WARNING))
+    if not edge.active:
+        core.notes.append(text)
+
+
 def run(args: argparse.Namespace) -> int:
     paths = make_paths(args.root, args.kernel, args.runtime_dir)
     gid = _status_gid(args.status_group)
@@ -259,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
         _modprobe_path(args, paths, core)
         _watcher(args, paths, core, cleanup)
         _udev(args, paths, core, cleanup)
+        _kernel(args, core, cleanup)
         return core.run(server)
     finally:
         for step in reversed(cleanup):

@@ -13,6 +13,10 @@ from kmodd.daemon.attribution import Attributor
 from kmodd.host.sysmodule import SYS_MODULE
 
 if TYPE_CHECKING:  # lastgood builds generations: ports stay below it
+    from kmodd.contract.journal import Record
+    from kmodd.contract.status import LayerState
+    from kmodd.daemon.events import KernelEvents
+    from kmodd.daemon.generation import Generation
     from kmodd.daemon.lastgood import LastGood
 
 
@@ -67,6 +71,14 @@ class WatcherLike(Protocol):
     def errors(self) -> int: ...
 
 
+class KernelLike(Protocol):
+    """The kernel layer (daemon/kernel_layer.py KernelEdge)."""
+
+    def apply(self, gen: Generation) -> None: ...
+    def records(self, batch: KernelEvents, gen: Generation | None) -> list[Record]: ...
+    def state(self) -> LayerState: ...
+
+
 @dataclass
 class Edges:
     """The I/O edges the composition root injects (None: not available / disabled)."""
@@ -79,6 +91,7 @@ class Edges:
     last_good: LastGood | None = None  # the persisted store (kmodd.daemon.lastgood)
     udev: UdevLike | None = None  # the running uevent monitor
     watcher: WatcherLike | None = None  # the running file watcher
+    kernel: KernelLike | None = None  # the BPF LSM layer (daemon/kernel_layer.py)
     static_usermodehelper: str | None = None  # the kernel bypasses kernel.modprobe: why
     sys_module: Path = SYS_MODULE  # which modules are loaded (udev "already loaded" records)
     clock: Callable[[], float] = time.monotonic

@@ -108,10 +108,19 @@ def _udev_layer(core: CoreView) -> LayerState:
     return LayerState(active=True, reason=f"uevent monitor running ({udev.source} events)")
 
 
+def _kernel_layer(core: CoreView) -> LayerState:
+    kernel = core.kernel
+    if kernel is None:
+        return LayerState(
+            active=False, reason="not started (--no-kernel-layer, or --root is not /)"
+        )
+    return kernel.state()
+
+
 def layers(core: CoreView) -> Layers:
     """One entry per enforcing layer (design.md §5.4), from what this daemon knows."""
     return {
-        "kernel": LayerState(active=False, reason="not implemented yet (BPF LSM layer)"),
+        "kernel": _kernel_layer(core),
         "helper": _helper_layer(core),
         "modprobe_d": _modprobe_d_layer(core),
         "udev": _udev_layer(core),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from kmodd.contract.status import AttributionInfo, DecisionCounters, LastGoodInfo
 from kmodd.daemon.events import ReloadCause, UdevDevice
 from kmodd.daemon.generation import Generation
-from kmodd.daemon.ports import TamperLike, UdevLike, WatcherLike
+from kmodd.daemon.ports import KernelLike, TamperLike, UdevLike, WatcherLike
 from kmodd.paths import Paths
 from kmodd.policy.engine import Decision
 from kmodd.policy.types import Source
@@ -53,5 +53,6 @@ class CoreView:
     attribution: AttributionInfo | None
     udev: UdevLike | None
     watcher: WatcherLike | None
+    kernel: KernelLike | None  # the BPF LSM layer; None: not started
     last_good: LastGoodInfo | None  # the persisted store; None: a core without one
     decide: Callable[[str, Source], Decision | None]  # the Decider's, uncounted

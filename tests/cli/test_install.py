@@ -303,6 +303,21 @@ def test_install_creates_a_missing_prefix(tmp_path: Path) -> None:
     assert steps[0].path == str(prefix)
 
 
+def test_uninstall_unpins_the_kernel_layer(tmp_path: Path) -> None:
+    """Pins under PREFIX/sys/fs/bpf/kmodd go with the rest (plain files here: on bpffs an
+    unlink is what detaches the programs once no process holds them)."""
+    from kmodd.bpf.layer import MAPS, PROGRAMS  # noqa: PLC0415
+
+    pins = tmp_path / "sys/fs/bpf/kmodd"
+    pins.mkdir(parents=True)
+    for name in (*PROGRAMS.values(), *MAPS):
+        (pins / name).write_text("")
+    steps = uninstall(tmp_path)
+    removed = {s.path for s in steps if s.action is StepAction.REMOVED}
+    assert {str(pins / n) for n in (*PROGRAMS.values(), *MAPS)} <= removed
+    assert not pins.exists()
+
+
 def test_boot_publisher_is_installed_and_runs_through_its_shebang(
     prefix: Path, tmp_path: Path
 ) -> None:

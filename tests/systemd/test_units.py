@@ -97,7 +97,9 @@ def test_service_contract(tmp_path: Path) -> None:
     assert service["ProtectSystem"] == ["strict"]
     assert service["ReadWritePaths"] == ["/run/kmodd /run/modprobe.d -/proc/sys/kernel/modprobe"]
     assert service["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
-    assert service["CapabilityBoundingSet"] == ["CAP_CHOWN"]
+    # CAP_BPF and CAP_PERFMON load the kernel layer's LSM programs, nothing more.
+    assert service["CapabilityBoundingSet"] == ["CAP_CHOWN CAP_BPF CAP_PERFMON"]
+    assert service["SystemCallFilter"] == ["@system-service", "bpf"]
     for key in ("ProtectHome", "PrivateTmp", "NoNewPrivileges", "RuntimeDirectoryPreserve"):
         assert service[key] == ["yes"], key
     # libkmod reads /usr/lib/modules and kernel.modprobe must stay writable.

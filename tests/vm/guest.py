@@ -79,7 +79,10 @@ def read_modprobe_path() -> str:
 class Guest:
     """The machine under test: journald, the installed files, the daemon."""
 
-    daemon_args: list[str] = field(default_factory=list)
+    # The scenario plans prove the helper and modprobe.d layers, so the BPF layer is off
+    # there (it would refuse their kernel requests before any helper runs, which is what
+    # tests/vm/test_bpf.py proves); a plan that wants it passes other args.
+    daemon_args: list[str] = field(default_factory=lambda: ["--no-kernel-layer"])
     daemon: subprocess.Popen[bytes] | None = None
     notify: socket.socket | None = None
     notifications: list[str] = field(default_factory=list)

@@ -1,0 +1,159 @@
+"""One generation as the kernel layer's tables (kmodd.bpf.layer.Tables).
+
+Exactness first: the BPF program must never refuse what the policy allows, nor decide
+what the policy decides from facts the kernel does not take.  So:
+
+- A request name gets an entry only if its verdict depends on nothing but the real uid.
+  That holds for every name when each `requester:` key of the policy tests only `uid`
+  and `unprivileged` (both functions of the real uid): the uid line is cut at every uid
+  a rule names (and at 0/1), decide() runs once per piece with that uid, and the pieces
+  that deny become uid-range conditions.  A `gid` (supplementary groups), `unit` or
+  `container` key (pid namespaces, container cgroups) tests what the kernel layer does not
+  see: then no name gets an entry and the helper decides every request (the files table
+  and the events still work).
+- Names are the helper snapshot's (every module and exact request alias of the tree).
+  Names outside it (wildcard modaliases, unknown names) get no in-kernel verdict: the
+  "" entry stays PASS, because a name the table does not know may resolve to modules.
+- Denied module files: the modules the generation renders as denied into modprobe.d
+  (denied whoever asks, from every source), by file identity (kernel dev_t + inode).
+- init_module from memory (kernel_load_data) carries no file identity: refused only when
+  no legitimate loader needs it (see load_data_verdict).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmodd.bpf.layer import Tables, denied_files
+from kmodd.bpf.layout import CONDS_MAX, NO_RULE, UID_MAX, Condition, Mode, NameRules, Verdict
+from kmodd.daemon.generation import Generation
+from kmodd.kmod.model import Resolution
+from kmodd.policy import compiler, engine
+from kmodd.policy.engine import CompiledPolicy, Decision, Request
+from kmodd.policy.requester import RequesterFacts
+from kmodd.policy.types import Mode as PolicyMode
+from kmodd.policy.types import Source
+from kmodd.policy.types import Verdict as PolicyVerdict
+
+INTERVALS_MAX = 4 * CONDS_MAX  # uid pieces decided per name; more: the helper decides
+COMPRESSED = (".ko.xz", ".ko.zst", ".ko.gz")
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    tables: Tables
+    rule_ids: tuple[str, ...]  # index -> rule id (events carry the index)
+    in_kernel: str  # one sentence: what the kernel layer decides for this generation
+
+
+def uid_pieces(policy: CompiledPolicy) -> list[tuple[int, int]] | None:
+    """The uid ranges on which every requester rule is constant, or None when some
+    requester key tests more than the real uid (or there are too many pieces)."""
+    cuts = {0, 1, UID_MAX + 1}
+    for rule in policy.rules:
+        m = rule.requester
+        if m is None:
+            continue
+        if m.gids is not None or m.units is not None or m.container is not None:
+            return None
+        for uid in m.uids or ():
+            if 0 <= uid <= UID_MAX:
+                cuts.update((uid, uid + 1))
+    points = sorted(cuts)
+    pieces = [(lo, hi - 1) for lo, hi in itertools.pairwise(points)]
+    return pieces if len(pieces) <= INTERVALS_MAX else None
+
+
+def _facts(uid: int) -> RequesterFacts:
+    return RequesterFacts(uid=uid, euid=uid, gid=uid)
+
+
+def name_rules(
+    decide_at: Callable[[RequesterFacts], Decision],
+    pieces: list[tuple[int, int]],
+    rule_index: dict[str, int],
+) -> NameRules | None:
+    """The entry for one name, or None when it would deny nobody (or cannot be encoded)."""
+    decided = [(lo, hi, decide_at(_facts(lo))) for lo, hi in pieces]
+    denies = [(lo, hi, d) for lo, hi, d in decided if d.verdict is PolicyVerdict.DENY]
+    if not denies:
+        return None
+    if len(denies) == len(decided) and len({d.rule for _, _, d in denies}) == 1:
+        return NameRules((), Verdict.DENY, rule_index[denies[0][2].rule])
+    conds: list[Condition] = []
+    for lo, hi, d in denies:  # merge adjacent pieces denied by the same rule
+        rule = rule_index[d.rule]
+        if conds and conds[-1].rule == rule and conds[-1].uid and conds[-1].uid[1] + 1 == lo:
+            conds[-1] = Condition(Verdict.DENY, rule, uid=(conds[-1].uid[0], hi))
+        else:
+            conds.append(Condition(Verdict.DENY, rule, uid=(lo, hi)))
+    if len(conds) > CONDS_MAX:
+        return None
+    allows = {d.rule for _, _, d in decided if d.verdict is PolicyVerdict.ALLOW}
+    if len(allows) == 1:
+        return NameRules(tuple(conds), Verdict.ALLOW, rule_index[allows.pop()])
+    return NameRules(tuple(conds))
+
+
+def load_data_verdict(module_dir: Path, sys_module: Path = Path("/sys/module")) -> Verdict:
+    """DENY when kmod never needs init_module from memory here: the tree's modules are
+    uncompressed (Debian 12's 6.1) or the kernel decompresses them itself
+    (/sys/module/compression, kmod >= 33 then uses finit_module).  Otherwise ALLOW: kmod
+    decompresses in userspace and calls init_module for every module, which a deny would
+    break for all of them -- the status says so (a compressed module of a denied name
+    is still refused by its request name and by modprobe.d)."""
+    if (sys_module / "compression").exists():
+        return Verdict.DENY
+    try:
+        with (module_dir / "modules.dep").open() as dep:
+            first = dep.readline().split(":", 1)[0]
+    except OSError:
+        return Verdict.ALLOW
+    return Verdict.ALLOW if first.endswith(COMPRESSED) else Verdict.DENY
+
+
+def compile_tables(gen: Generation, *, sys_module: Path = Path("/sys/module")) -> Compiled:
+    """The kernel layer's tables for GEN (core or build thread: uses gen.kmod)."""
+    policy = gen.compiled
+    rule_ids = (*tuple(r.info.id for r in policy.rules), "default")
+    rule_index = {rule_id: i for i, rule_id in reversed(list(enumerate(rule_ids)))}
+    pieces = uid_pieces(policy)
+    names: dict[str, NameRules] = {"": NameRules()}
+    if pieces is not None:
+        for key, name in compiler.snapshot_names(gen.kmod).items():
+            resolution = gen.resolutions.get(name) or gen.kmod.resolve(name)
+
+            def decide_at(
+                facts: RequesterFacts, name: str = name, r: Resolution = resolution
+            ) -> Decision:
+                return engine.decide(Request(name, Source.KERNEL, facts), r, policy)
+
+            entry = name_rules(decide_at, pieces, rule_index)
+            if entry is not None:
+                names[key] = entry  # normalized, as the program looks names up
+        what = f"{len(names) - 1} request names decided in-kernel"
+    else:
+        what = "no request names in-kernel: a requester rule tests gid, unit or container"
+    paths = []
+    for module in sorted(gen.denied_modules):
+        info = gen.kmod.module_info(module)
+        if info.path is not None:
+            paths.append((info.path, rule_index.get(_module_rule(gen, module), NO_RULE)))
+    files = denied_files(paths)
+    mode = Mode.ENFORCE if gen.mode is PolicyMode.ENFORCE else Mode.PERMISSIVE
+    load_data = load_data_verdict(gen.paths.module_dir, sys_module)
+    tables = Tables(names, files, mode, load_data, gen.number)
+    what += f"; {len(files)} denied module files; init_module from memory {load_data.name.lower()}"
+    return Compiled(tables, rule_ids, what)
+
+
+def _module_rule(gen: Generation, module: str) -> str:
+    return gen.decide(module, Source.CLI).rule
+
+
+def decide_request(gen: Generation, name: str, facts: RequesterFacts) -> Decision:
+    """What the policy says of NAME asked by FACTS (journal records of kernel events)."""
+    return gen.decide(name, Source.KERNEL, facts)

@@ -1,0 +1,145 @@
+"""A generation as the kernel layer's tables, on the real Debian tree: the in-kernel
+verdict of every name must equal decide() for every uid (exact, or no entry at all)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmodd.bpf.layout import NO_RULE, UID_MAX, Condition, FileIdentity, Mode, NameRules, Verdict
+from kmodd.daemon.generation import BuildOptions, Generation, build_generation
+from kmodd.daemon.kernel_tables import compile_tables, load_data_verdict, uid_pieces
+from kmodd.paths import make_paths
+from kmodd.policy.requester import RequesterFacts
+from kmodd.policy.types import Source
+from kmodd.policy.types import Verdict as PolicyVerdict
+from tests.daemon.running import BASE_POLICY, SystemRoot, make_root
+from tests.kerneltree import KernelTree
+
+REPO = Path(__file__).resolve().parents[2]
+MODHARDEN = (REPO / "policies/20-modharden.yaml.example").read_text()
+UID_RULES = (
+    BASE_POLICY
+    + """\
+  - id: lab-users
+    action: deny
+    match: {module: [appletalk], requester: {uid: [1000, 1001, 1002, 5000]}}
+"""
+)
+UNIT_RULES = (
+    BASE_POLICY
+    + """\
+  - id: by-unit
+    action: deny
+    match: {module: [appletalk], requester: {unit: ["user@*.service"]}}
+"""
+)
+
+
+@pytest.fixture
+def sr(kernel_tree: KernelTree) -> Iterator[SystemRoot]:
+    root = make_root(kernel_tree)
+    yield root
+    shutil.rmtree(root.root.parent, ignore_errors=True)
+
+
+def build(sr: SystemRoot, *texts: str) -> Generation:
+    for i, text in enumerate(texts):
+        sr.write_policy(text, f"{10 + i}-test.yaml")
+    paths = make_paths(str(sr.root), sr.release, str(sr.runtime))
+    paths.runtime_dir.mkdir(exist_ok=True)
+    return build_generation(1, paths, BuildOptions(cmdline=sr.cmdline))
+
+
+def kernel_verdict(entry: NameRules | None, uid: int) -> Verdict:
+    """What kmodd.bpf.c's decide() returns for a requester with real uid UID."""
+    if entry is None:
+        return Verdict.PASS
+    for c in entry.conditions:
+        if _matches(c, uid):
+            return c.verdict
+    return entry.fallback
+
+
+def _matches(c: Condition, uid: int) -> bool:
+    if c.uid is not None and not c.uid[0] <= uid <= c.uid[1]:
+        return False
+    return c.unprivileged is None or (uid != 0) is c.unprivileged
+
+
+def test_modharden_denies_unprivileged_requesters_in_kernel_exactly(sr: SystemRoot) -> None:
+    gen = build(sr, BASE_POLICY, MODHARDEN)
+    try:
+        compiled = compile_tables(gen)
+        names = compiled.tables.names
+        assert names[""] == NameRules()  # names outside the table: the helper decides
+        pf5 = names["net_pf_5"]
+        rule = compiled.rule_ids[pf5.conditions[0].rule]
+        assert rule == "modharden"
+        for uid in (0, 1, 1000, 65534, UID_MAX):
+            policy = gen.decide("net-pf-5", Source.KERNEL, RequesterFacts(uid, uid, uid))
+            want = Verdict.DENY if policy.verdict is PolicyVerdict.DENY else Verdict.ALLOW
+            assert kernel_verdict(pf5, uid) is want, uid
+        # the allow list: fuse is allowed for users, so nobody is denied it in-kernel
+        assert "fuse" not in names
+        # algif_aead is denied for everybody (root by copy-fail; a user's load set meets
+        # modharden first: its crypto dependencies load before it)
+        aead = names["algif_aead"]
+        assert [kernel_verdict(aead, uid) for uid in (0, 1, 65534)] == [Verdict.DENY] * 3
+        assert compiled.rule_ids[aead.conditions[0].rule] == "copy-fail"
+        assert compiled.tables.mode is Mode.ENFORCE
+    finally:
+        gen.close()
+
+
+def test_uid_sets_become_ranges_and_match_decide_for_every_piece(sr: SystemRoot) -> None:
+    gen = build(sr, UID_RULES)
+    try:
+        pieces = uid_pieces(gen.compiled)
+        assert pieces is not None
+        assert (1000, 1002) not in pieces and (1000, 1000) in pieces
+        entry = compile_tables(gen).tables.names["appletalk"]
+        assert [c.uid for c in entry.conditions] == [(1000, 1002), (5000, 5000)]
+        for uid in (0, 999, 1000, 1002, 1003, 4999, 5000, 5001):
+            d = gen.decide("appletalk", Source.KERNEL, RequesterFacts(uid, uid, uid))
+            want = Verdict.DENY if d.verdict is PolicyVerdict.DENY else Verdict.ALLOW
+            assert kernel_verdict(entry, uid) is want, uid
+    finally:
+        gen.close()
+
+
+def test_a_rule_on_what_the_kernel_cannot_see_leaves_requests_to_the_helper(
+    sr: SystemRoot,
+) -> None:
+    gen = build(sr, UNIT_RULES)
+    try:
+        compiled = compile_tables(gen)
+        assert uid_pieces(gen.compiled) is None
+        assert compiled.tables.names == {"": NameRules()}
+        assert "unit" in compiled.in_kernel
+    finally:
+        gen.close()
+
+
+def test_denied_module_files_by_identity(sr: SystemRoot) -> None:
+    gen = build(sr, BASE_POLICY)
+    try:
+        files = compile_tables(gen).tables.files
+        path = gen.kmod.module_info("algif_aead").path
+        assert path is not None
+        assert [ident for ident, _ in files] == [FileIdentity.of(path)]
+        assert all(rule != NO_RULE for _, rule in files)
+    finally:
+        gen.close()
+
+
+def test_load_data_is_denied_only_where_no_loader_needs_it(tmp_path: Path) -> None:
+    (tmp_path / "modules.dep").write_text("kernel/fs/vfat.ko.xz: kernel/fs/fat.ko.xz\n")
+    assert load_data_verdict(tmp_path, tmp_path / "sys") is Verdict.ALLOW
+    (tmp_path / "sys/compression").mkdir(parents=True)  # the kernel decompresses itself
+    assert load_data_verdict(tmp_path, tmp_path / "sys") is Verdict.DENY
+    (tmp_path / "modules.dep").write_text("kernel/fs/vfat.ko: kernel/fs/fat.ko\n")
+    assert load_data_verdict(tmp_path, tmp_path / "nosys") is Verdict.DENY
