@@ -378,6 +378,9 @@ def wait_generation(daemon: Daemon, after: int) -> dict[str, Any]:
 
 
 def test_dirs_deleted_and_recreated(own_root: SystemRoot, tally: Tally) -> None:
+    """A modprobe.d dir deleted is a real change (its aliases go); a policy dir deleted is
+    refused (issue 10 item 6: the last good generation stays until `--accept-removed`).
+    Both recover when the dir comes back."""
     sr = own_root
     conf_dir = sr.root / "etc/modprobe.d"
     (conf_dir / "50-alias.conf").write_text("alias kmodd-test-alias vfat\n")
@@ -386,19 +389,29 @@ def test_dirs_deleted_and_recreated(own_root: SystemRoot, tally: Tally) -> None:
     steps = 0
     try:
         assert helper.ask_daemon(decide, b"kmodd-test-alias", 5.0) == b"deny no-vfat"
-        for directory, probe, without in (
+        # (dir, probe, the answer once the dir is gone: None = unchanged, the dir is kept)
+        cases: tuple[tuple[Path, bytes, bytes | None], ...] = (
             (conf_dir, b"kmodd-test-alias", b"allow default"),
-            (sr.policy_dir, b"algif-aead", b"allow default"),
-        ):
+            (sr.policy_dir, b"algif-aead", None),
+        )
+        for directory, probe, without in cases:
             saved = {p.name: p.read_bytes() for p in directory.iterdir()}
             gen = daemon.generation()
             assert gen is not None
             with_it = helper.ask_daemon(decide, probe, 5.0)
             assert with_it is not None
             shutil.rmtree(directory)
-            doc = wait_generation(daemon, gen)
-            assert doc["last_reload"]["cause"].startswith("watch"), doc["last_reload"]
-            wait_answer(decide, probe, without)
+            if without is None:
+                doc = daemon.wait_status(
+                    lambda d: d["last_reload"]["ok"] is False and d["last_reload"]["errors"]
+                )
+                assert any("policy dir is gone" in e for e in doc["last_reload"]["errors"]), doc
+                assert doc["generation"]["number"] == gen
+                assert helper.ask_daemon(decide, probe, 5.0) == with_it
+            else:
+                doc = wait_generation(daemon, gen)
+                assert doc["last_reload"]["cause"].startswith("watch"), doc["last_reload"]
+                wait_answer(decide, probe, without)
             directory.mkdir()
             for name, data in saved.items():
                 (directory / name).write_bytes(data)

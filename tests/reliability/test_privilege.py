@@ -18,7 +18,7 @@ import pytest
 
 from kmodd import helper, wire
 from tests.conftest import root_required
-from tests.daemon.running import Daemon, SystemRoot, as_nobody, make_root
+from tests.daemon.running import REPO, Daemon, SystemRoot, as_nobody, make_root
 from tests.kerneltree import KernelTree
 from tests.reliability.conftest import POLICY, Rel, Tally, start_daemon
 
@@ -255,21 +255,21 @@ def test_symlinked_publish_dirs_are_refused(
     own_root: SystemRoot, tmp_path: Path, tally: Tally
 ) -> None:
     """run/modprobe.d as a symlink to another dir: refused with a reason, nothing written
-    there, and the daemon still serves (the helper falls back)."""
+    there.  With no last good generation to fall back to there is nothing to enforce, so
+    the daemon says so and exits 78 (RestartPreventExitStatus: no restart loop)."""
     sr = own_root
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (sr.root / "run/modprobe.d").symlink_to(elsewhere)
-    daemon = start_daemon(sr, "--no-watch")
-    try:
-        doc = daemon.status()
-        assert doc["last_reload"]["ok"] is False
-        assert any("modprobe.d" in e for e in doc["last_reload"]["errors"]), doc["last_reload"]
-        assert list(elsewhere.iterdir()) == []
-        reply = helper.ask_daemon(str(sr.runtime / helper.DECIDE_SOCKET), b"fs-vfat", 5.0)
-        assert reply is not None and reply.startswith(b"error")
-    finally:
-        daemon.stop()
+    daemon = Daemon(sr, extra=["--log-stderr", "--no-watch"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_"))}
+    proc = subprocess.run(
+        daemon.argv(), capture_output=True, text=True, timeout=90, cwd=REPO, env=env, check=False
+    )
+    assert proc.returncode == 78, proc.stderr[-3000:]
+    assert "modprobe.d" in proc.stderr, proc.stderr[-3000:]
+    assert "no enforcement" in proc.stderr, proc.stderr[-3000:]
+    assert list(elsewhere.iterdir()) == []
     tally.add("privilege.symlinked_dir", 1, followed=0)
 
 
