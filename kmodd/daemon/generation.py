@@ -171,7 +171,7 @@ class _Resolver:
         return self.ctx.builtin_names()
 
     def alias_patterns(self) -> tuple[tuple[str, str], ...]:
-        return self.index.request_aliases(self.ctx)
+        return self.index.alias_patterns(self.ctx)
 
     def config_aliases(self) -> tuple[tuple[str, str], ...]:
         return self.ctx.config_aliases()

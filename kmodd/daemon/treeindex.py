@@ -5,9 +5,10 @@ filtering modules.alias.bin (~30,000 patterns) another ~0.1-0.3 s, and a policy 
 changes neither: only modprobe.d or the module tree (depmod) does.  So the Core holds one
 TreeIndex and passes it to every build (kmodd.daemon.generation.build_generation):
 
-- the tree's request-shaped aliases (what the compiler's exact_request_aliases keeps of
-  the alias index), keyed by the identity of modules.alias.bin (index_key: depmod renames
-  a new file in, so a new index has a new inode);
+- the tree's alias index as (pattern, module) pairs, every pattern (wildcards included:
+  the snapshot's glob rows and the renderer's reach need them all, exactly as
+  KmodContext.alias_patterns gives them), keyed by the identity of modules.alias.bin
+  (index_key: depmod renames a new file in, so a new index has a new inode);
 - the last build's resolutions, keyed by a digest of the modprobe.d files (kmod's view,
   content included: libkmod itself only notices dir mtimes) and the identity of every
   index file, taken BEFORE the build opens its context: a change that races the build
@@ -26,7 +27,6 @@ from typing import Generic, TypeVar
 
 from kmodd.kmod.context import KmodContext
 from kmodd.kmod.model import Resolution
-from kmodd.policy.compiler import request_shaped
 
 RESOLUTIONS_MAX = 32_768  # the snapshot's names plus the policy's exact request names
 Pairs = tuple[tuple[str, str], ...]
@@ -48,20 +48,18 @@ class TreeIndex:
         self._aliases: _Kept[Pairs] | None = None
         self._resolutions: _Kept[dict[str, Resolution]] | None = None
 
-    def request_aliases(self, ctx: KmodContext) -> Pairs:
-        """(alias, module) of CTX's alias index that are request-shaped and glob-free."""
+    def alias_patterns(self, ctx: KmodContext) -> Pairs:
+        """CTX's alias_patterns(), the same tuple object while the index is unchanged."""
         key = ctx.index_key("modules.alias.bin")
         with self._lock:
             kept = self._aliases
         if key is not None and kept is not None and kept.key == key:
             return kept.value
         pairs = ctx.alias_patterns()
-        shaped = request_shaped(pairs)
-        found = tuple(pair for pair in pairs if pair[0] in shaped)
         if key is not None and ctx.index_key("modules.alias.bin") == key:  # unchanged meanwhile
             with self._lock:
-                self._aliases = _Kept(key, found)
-        return found
+                self._aliases = _Kept(key, pairs)
+        return pairs
 
     def resolutions(self, key: Key | None) -> dict[str, Resolution]:
         """A copy of the kept resolutions when KEY is what they were kept under, else {}."""

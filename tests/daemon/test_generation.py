@@ -124,3 +124,27 @@ def test_module_tree_change_is_seen(
         assert snapshot_row(gen, helper.normalize("algif-aead")) == "algif_aead d copy-fail"
     finally:
         gen.close()
+
+
+CODA_FOR_KERNEL = """\
+kmodd: 1
+rules:
+  - id: kernel-coda
+    action: deny
+    match: {module: [coda], source: [kernel]}
+"""
+
+
+def test_daemon_build_snapshot_denies_wildcard_aliases(sr: SystemRoot, idx: TreeIndex) -> None:
+    """The daemon's build sees the whole alias index, wildcards included, as KmodContext
+    does: char-major-67-0 (alias char-major-67-* -> coda) is denied by the snapshot alone,
+    on a first build and on a rebuild that reuses the tree index (the VM found a build
+    that only kept glob-free aliases and rendered no glob rows)."""
+    sr.write_policy(CODA_FOR_KERNEL)
+    for number in (1, 2):
+        gen = build(sr, number, idx)
+        key = helper.normalize("char-major-67-0").encode()
+        assert helper.snapshot_lookup(gen.snapshot, key) == (b"d", b"kernel-coda")
+        assert helper.snapshot_lookup(gen.snapshot, b"char_major_67") is None  # kmod: no such name
+    with KmodContext(str(sr.root), sr.release) as ctx:
+        assert idx.alias_patterns(ctx) == ctx.alias_patterns()
