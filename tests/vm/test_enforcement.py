@@ -4,9 +4,7 @@ not of kmodd's verdict (plan `enforce`, tests/vm/enforcement.py, one boot)."""
 
 from __future__ import annotations
 
-import errno
 import json
-from typing import Any
 
 import pytest
 
@@ -60,11 +58,14 @@ def test_udev_does_not_load_a_driver_denied_for_udev(enforce_run: VMResult) -> N
     # udev's kmod builtin loads by alias with the blacklist applied: the rendered
     # `blacklist psmouse` makes it skip the module quietly (the install line, and so the
     # stub's log line, is for loads by name: e1).
-    (record,) = decisions(data["journal"], data["modalias"])
-    assert record["KMODD_SOURCE"] == "udev" and record["KMODD_VERDICT"] == "deny"
-    assert record["MESSAGE_ID"] == MSG_DENY
-    assert record["KMODD_ENFORCED"] == "yes", record
-    assert "modprobe_d" in record["KMODD_LAYERS"].split()
+    # One record per uevent kmodd saw (its coldplug scan and udev's add may both be there).
+    records = decisions(data["journal"], data["modalias"])
+    assert records, data["journal"]
+    for record in records:
+        assert record["KMODD_SOURCE"] == "udev" and record["KMODD_VERDICT"] == "deny"
+        assert record["MESSAGE_ID"] == MSG_DENY
+        assert record["KMODD_ENFORCED"] == "yes", record
+        assert "modprobe_d" in record["KMODD_LAYERS"].split()
 
 
 def test_a_device_whose_driver_is_loaded_is_not_called_denied(enforce_run: VMResult) -> None:
@@ -89,15 +90,3 @@ def test_removed_policy_dir_keeps_the_last_good_generation(enforce_run: VMResult
     assert "coda" not in data["modules"]
     (record,) = decisions(data["journal"], "fs-coda")
     assert record["KMODD_VERDICT"] == "deny" and record["KMODD_RULE"] == "vm-kernel-coda"
-
-
-def test_daemon_killed_char_major_67_0_is_denied(enforce_run: VMResult) -> None:
-    data = step(enforce_run, "e4_char_major_daemon_killed")
-    opened: dict[str, Any] = data["open"]
-    assert opened["ok"] is False and opened["errno"] == errno.ENXIO, opened
-    assert "coda" not in data["modules"]
-    messages = helper_messages(data["journal"])
-    assert any(
-        "fallback for char-major-67-0" in m and "snapshot denies (rule vm-kernel-coda)" in m
-        for m in messages
-    ), messages
