@@ -16,9 +16,7 @@ and records /proc/modules, the syscall's errno or the command's exit, the journa
   `mount -t coda` (fs-coda) is still denied;
 - e4: the daemon SIGKILLed, then open() of a char device 67:0: the kernel asks for
   char-major-67-0, an alias pattern (char-major-67-*) of coda, which only the helper's
-  snapshot can now decide.  NOT in the plan yet: its one run on the real kernel failed
-  (the open succeeded) because the daemon's builds rendered no glob rows; that is fixed
-  and pinned by tests/daemon/test_generation.py, but the step has not passed in a VM.
+  snapshot can now decide.
 """
 
 from __future__ import annotations
@@ -203,4 +201,5 @@ STEPS = [
     ("e2_udev_drivers", e2_udev_drivers),
     ("e3_already_loaded", e3_already_loaded),
     *([("e5_last_good", e5_last_good)] if LAST_GOOD else []),
+    ("e4_char_major_daemon_killed", e4_char_major_daemon_killed),
 ]

@@ -203,7 +203,7 @@ def vm(kernel_tree: Any) -> Any:
     from tests.vm.harness import VENV_BIN, boot, install_prefix  # noqa: PLC0415
 
     script = f"exec {shlex.quote(str(VENV_BIN / 'python'))} -m tests.vm.test_attribution\n"
-    return boot(script, timeout_s=900, prepare=install_prefix)
+    return boot(script, timeout_s=1300, prepare=install_prefix)
 
 
 def step(vm: Any, name: str) -> dict[str, Any]:

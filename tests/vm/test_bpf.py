@@ -209,7 +209,7 @@ def test_without_bpf_in_lsm_detection_says_inactive_and_the_program_never_runs(
 @pytest.fixture(scope="module")
 def vm_daemon(kernel_tree: KernelTree) -> VMResult:
     script = f"exec {shlex.quote(str(VENV_BIN / 'python'))} -m tests.vm.bpf_guest daemon\n"
-    return boot(script, tree=kernel_tree, timeout_s=1200, prepare=install_prefix)
+    return boot(script, tree=kernel_tree, timeout_s=1500, prepare=install_prefix)
 
 
 def test_the_daemon_loads_the_layer_and_status_says_so(vm_daemon: VMResult) -> None:

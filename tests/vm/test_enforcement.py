@@ -4,7 +4,9 @@ not of kmodd's verdict (plan `enforce`, tests/vm/enforcement.py, one boot)."""
 
 from __future__ import annotations
 
+import errno
 import json
+from typing import Any
 
 import pytest
 
@@ -21,7 +23,7 @@ MSG_DENY = "3fd47b15f71a497a96fce61bb48c2e03"
 
 @pytest.fixture(scope="module")
 def enforce_run(kernel_tree: KernelTree, tmp_path_factory: pytest.TempPathFactory) -> VMResult:
-    run = boot_plan("enforce", timeout_s=1500)
+    run = boot_plan("enforce", timeout_s=1800)
     kept = tmp_path_factory.mktemp("enforce") / "results.json"
     kept.write_text(json.dumps(run.results, indent=1, default=str))
     print(f"guest results kept in {kept}")
@@ -90,3 +92,15 @@ def test_removed_policy_dir_keeps_the_last_good_generation(enforce_run: VMResult
     assert "coda" not in data["modules"]
     (record,) = decisions(data["journal"], "fs-coda")
     assert record["KMODD_VERDICT"] == "deny" and record["KMODD_RULE"] == "vm-kernel-coda"
+
+
+def test_daemon_killed_char_major_67_0_is_denied(enforce_run: VMResult) -> None:
+    data = step(enforce_run, "e4_char_major_daemon_killed")
+    opened: dict[str, Any] = data["open"]
+    assert opened["ok"] is False and opened["errno"] == errno.ENXIO, opened
+    assert "coda" not in data["modules"]
+    messages = helper_messages(data["journal"])
+    assert any(
+        "fallback for char-major-67-0" in m and "snapshot denies (rule vm-kernel-coda)" in m
+        for m in messages
+    ), messages

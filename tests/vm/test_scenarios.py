@@ -32,12 +32,12 @@ Record = dict[str, Any]
 
 @pytest.fixture(scope="module")
 def main_run(kernel_tree: KernelTree) -> VMResult:
-    return boot_plan("main", timeout_s=1200)
+    return boot_plan("main", timeout_s=1500)
 
 
 @pytest.fixture(scope="module")
 def permissive_run(kernel_tree: KernelTree) -> VMResult:
-    return boot_plan("permissive", append="kmodd.mode=permissive", timeout_s=900)
+    return boot_plan("permissive", append="kmodd.mode=permissive", timeout_s=1300)
 
 
 def step(run: VMResult, name: str) -> dict[str, Any]:
