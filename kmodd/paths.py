@@ -34,6 +34,12 @@ def module_base(root: Path, release: str) -> str:
     return MODULE_BASES[0]
 
 
+def base_note(base: str) -> str:
+    """What status/explain/cmdline append to the module dir: "" for lib/modules, else
+    which base a merged-/usr root (Debian 13's extracted kernel packages) was read from."""
+    return "" if base == MODULE_BASES[0] else f" (no {MODULE_BASES[0]}: using {base})"
+
+
 class NoKernelError(KmoddError):
     """No usable lib/modules/RELEASE under the root."""
 
@@ -48,6 +54,11 @@ class Paths:
     def module_dir(self) -> Path:
         """ROOT/lib/modules/RELEASE, or ROOT/usr/lib/modules/RELEASE when only that exists."""
         return self.root / module_base(self.root, self.release) / self.release
+
+    @property
+    def module_base(self) -> str:
+        """The MODULE_BASES entry module_dir is under (said in status and explain)."""
+        return module_base(self.root, self.release)
 
     @property
     def modprobe_d_dirs(self) -> tuple[Path, ...]:

@@ -58,7 +58,7 @@ class KernelTreeError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class KernelTree:
-    root: Path  # ROOT: lib/modules/RELEASE and boot/vmlinuz-RELEASE live under it
+    root: Path  # ROOT: (usr/)lib/modules/RELEASE and boot/vmlinuz-RELEASE live under it
     release: str
     vmlinuz: Path
 
@@ -72,6 +72,24 @@ class KernelTree:
         modules live in usr/lib/modules only (kmod 30 and Debian's kmod 34.2 both look in
         DIRNAME/lib/modules)."""
         return _module_base(self.root)
+
+    def module_file(self, stem: str) -> Path:
+        """The real file of module STEM ("net/llc/llc") under kernel/: `.ko` on Debian 12,
+        `.ko.xz` on Debian 13 (6.12), whichever this tree ships."""
+        return module_file(self.module_dir, stem)
+
+
+# What kmod accepts as a module file (libkmod: .ko, .ko.gz, .ko.xz, .ko.zst).
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+def module_file(module_dir: Path, stem: str) -> Path:
+    """MODULE_DIR/kernel/STEM plus the one module suffix that exists there."""
+    for suffix in MODULE_SUFFIXES:
+        path = module_dir / "kernel" / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    raise KernelTreeError(f"no module file kernel/{stem}.ko* under {module_dir}")
 
 
 def _module_base(root: Path) -> Path:

@@ -16,7 +16,7 @@ from kmodd.cli.common import paths_from_args, print_json, wants_json
 from kmodd.cli.validate import load_for
 from kmodd.kmod.builtin import CmdlineArgs, Confidence, cmdline_args
 from kmodd.kmod.context import KmodContext
-from kmodd.paths import MODULE_BASES, Paths, module_base
+from kmodd.paths import Paths, base_note, module_base
 from kmodd.policy.coverage import rendered_modules
 from kmodd.policy.engine import CompiledPolicy, Request, compile_policy, decide
 from kmodd.policy.types import Mode, Source, Verdict
@@ -83,8 +83,7 @@ def to_json(p: CmdlinePlan, policy: CompiledPolicy) -> dict[str, object]:
 
 
 def _print_text(p: CmdlinePlan, policy: CompiledPolicy) -> None:
-    note = "" if p.base == MODULE_BASES[0] else f" (no lib/modules: using {p.base})"
-    print(f"# policy {policy.hash[:12] or '-'} on {p.module_dir}{note}")
+    print(f"# policy {policy.hash[:12] or '-'} on {p.module_dir}{base_note(p.base)}")
     if policy.mode is not Mode.ENFORCE:
         print(f"# {policy.mode} mode: the policy implies no kernel arguments")
     arguments = p.args.arguments()

@@ -20,7 +20,7 @@ from kmodd.host.tracefs import probe
 from kmodd.kmod.context import KmodContext
 from kmodd.kmod.model import ConfigLine, LoadStep, ModuleInfo
 from kmodd.kmod.provenance import Provenance
-from kmodd.paths import Paths
+from kmodd.paths import Paths, base_note
 from kmodd.policy.engine import Decision, Request, compile_policy, decide
 from kmodd.policy.model import PolicySet
 from kmodd.policy.types import Mode, Source, Verdict
@@ -36,6 +36,7 @@ class Explanation:
     valid_kernel_name: bool
     steps: tuple[LoadStep, ...]
     module_dir: str
+    module_dir_base: str  # lib/modules, or usr/lib/modules for a merged-/usr root
     enforcement: DecisionEnforcement
 
 
@@ -75,6 +76,7 @@ def explain(paths: Paths, name: str, source: Source, policy: PolicySet) -> Expla
         valid_kernel_name=helper.valid_name(name.encode(errors="replace")),
         steps=resolution.steps,
         module_dir=str(paths.module_dir.absolute()),
+        module_dir_base=paths.module_base,
         enforcement=enforcement,
     )
 
@@ -116,6 +118,8 @@ def to_json(ex: Explanation) -> dict[str, object]:
             for p in ex.provenance
         ],
         "valid_kernel_name": ex.valid_kernel_name,
+        "module_dir": ex.module_dir,
+        "module_dir_base": ex.module_dir_base,
         "policy": {
             "hash": ex.policy.hash,
             "files": [f.path for f in ex.policy.files],
@@ -159,6 +163,7 @@ def render_text(ex: Explanation) -> str:
     if not ex.valid_kernel_name:
         out.append("  note: the kernel never sends this name (not 1-55 printable bytes)")
     out.append(f"  resolves to: {' '.join(d.modules) if d.modules else '(nothing)'}")
+    out.append(f"  modules: {ex.module_dir}{base_note(ex.module_dir_base)}")
     out.append("  load set (modprobe -D order):" if ex.steps else "  load set: (empty)")
     width = max((len(s.module) for s in ex.steps), default=0)
     for step in ex.steps:

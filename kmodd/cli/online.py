@@ -13,7 +13,7 @@ from kmodd.cli.common import print_json, wants_json
 from kmodd.cli.verbs import Verb, VerbSpec
 from kmodd.contract.status import StatusDocument, parse_status
 from kmodd.errors import KmoddError
-from kmodd.paths import make_paths
+from kmodd.paths import MODULE_BASES, base_note, make_paths
 
 
 def _reload_arguments(parser: argparse.ArgumentParser) -> None:
@@ -234,6 +234,12 @@ def _edges_lines(doc: StatusDocument) -> list[str]:
     return [f"watcher:     {watcher}", f"udev:        {udev}"]
 
 
+def _modules_line(doc: StatusDocument) -> str:
+    """Which module tree the daemon reads: a merged-/usr root has only usr/lib/modules."""
+    base = doc.get("module_dir_base", MODULE_BASES[0])  # an older daemon does not say
+    return f"modules:     {doc.get('module_dir', '?')}{base_note(base)}"
+
+
 def render_status(doc: StatusDocument) -> str:
     d = doc["decisions"]
     lines = [
@@ -249,6 +255,7 @@ def render_status(doc: StatusDocument) -> str:
         _modprobe_line(doc),
         *_edges_lines(doc),
         f"enforcement: {doc['enforcement_file']}",
+        _modules_line(doc),
         *_layer_lines(doc),
         *_coverage_lines(doc),
         *_initramfs_line(doc),

@@ -179,6 +179,8 @@ class StatusDocument(TypedDict):
     started: float
     root: str
     release: str
+    module_dir: str  # ROOT/lib/modules/REL, or ROOT/usr/lib/modules/REL (merged /usr)
+    module_dir_base: str  # which of kmodd.paths.MODULE_BASES it is under
     runtime_dir: str
     generation: GenerationInfo | None
     mode: str | None

@@ -145,7 +145,7 @@ def _write_mask(paths: Paths) -> None:
 def _resolution_key(paths: Paths) -> tuple[object, ...] | None:
     """What the kept resolutions are valid for (see kmodd.daemon.treeindex)."""
     config = config_key(_config_paths(paths))
-    tree = index_key(paths.root / "lib/modules" / paths.release)
+    tree = index_key(paths.module_dir)  # lib/modules or usr/lib/modules (kmodd.paths)
     return None if config is None or tree is None else (config, tree)
 
 

@@ -191,6 +191,8 @@ def status(core: CoreView) -> StatusDocument:
         started=core.started,
         root=str(core.paths.root),
         release=core.paths.release,
+        module_dir=str(core.paths.module_dir),
+        module_dir_base=core.paths.module_base,
         runtime_dir=str(core.paths.runtime_dir),
         generation=_generation(core),
         mode=None if gen is None else gen.mode.value,

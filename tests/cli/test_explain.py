@@ -40,7 +40,7 @@ def test_done_net_pf_5_with_the_installed_kmodctl(kernel_tree: KernelTree, tmp_p
     policy_dir.mkdir(parents=True)
     (policy_dir / BASELINE.name).symlink_to(BASELINE)
     (tmp_path / "lib").mkdir()
-    (tmp_path / "lib/modules").symlink_to(kernel_tree.root / "lib/modules")
+    (tmp_path / "lib/modules").symlink_to(kernel_tree.module_dir.parent)
     proc = subprocess.run(
         [str(KMODCTL), "--root", str(tmp_path), "explain", "net-pf-5", "--json"],
         capture_output=True,
@@ -125,10 +125,29 @@ def test_human_view(kernel_tree: KernelTree, capsys: pytest.CaptureFixture[str])
     assert code == 1
     assert "net-pf-5  (class net_protocol, source kernel)" in out
     assert "resolves to: appletalk" in out
-    assert "kernel/net/appletalk/appletalk.ko  (AppleTalk 0.20)" in out
+    appletalk = kernel_tree.module_file("net/appletalk/appletalk")  # .ko or .ko.xz
+    assert f"{appletalk.relative_to(kernel_tree.module_dir)}  (AppleTalk 0.20)" in out
+    assert f"  modules: {kernel_tree.module_dir}" in out
     assert "verdict: DENY  (mode enforce)" in out
     assert "rule: legacy-net-protocols  (" in out
     assert "appletalk   deny   legacy-net-protocols (module)" in out
+
+
+def test_merged_usr_root_says_which_base(
+    trixie_tree: KernelTree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Debian 13's extracted image has only usr/lib/modules: --root reads it (as kmod 34
+    built for it would) and says so, in the text and in the JSON."""
+    assert not (trixie_tree.root / "lib/modules").exists()
+    code, out = explain(trixie_tree, capsys, "net-pf-5", "--policy", str(BASELINE))
+    assert code == 1
+    assert "resolves to: appletalk" in out
+    note = f"  modules: {trixie_tree.module_dir} (no lib/modules: using usr/lib/modules)"
+    assert note in out
+    assert "net/appletalk/appletalk.ko.xz  (AppleTalk 0.20)" in out
+    _, doc = explain_json(trixie_tree, capsys, "net-pf-5", "--policy", str(BASELINE))
+    assert doc["module_dir_base"] == "usr/lib/modules"
+    assert doc["module_dir"] == str(trixie_tree.module_dir)
 
 
 def test_unresolvable_and_hostile_names(
@@ -172,7 +191,7 @@ def test_provenance_of_modprobe_d_lines(
     conf.mkdir(parents=True)
     (conf / "50-test.conf").write_text("# comment\noptions jbd2 jbd2_debug=1\n")
     (tmp_path / "lib").mkdir()
-    (tmp_path / "lib/modules").symlink_to(kernel_tree.root / "lib/modules")
+    (tmp_path / "lib/modules").symlink_to(kernel_tree.module_dir.parent)
     code, out = explain_json(kernel_tree, capsys, "ext4", root=tmp_path)
     assert code == 0
     provenance = {(Path(p["path"]).name, p["line"], p["directive"]) for p in out["provenance"]}

@@ -77,6 +77,8 @@ def status_doc(**over: Any) -> StatusDocument:
         started=0.0,
         root="/",
         release="6.1.0-test-amd64",
+        module_dir="/lib/modules/6.1.0-test-amd64",
+        module_dir_base="lib/modules",
         runtime_dir="/run/kmodd",
         generation=GenerationInfo(
             number=7,
@@ -183,6 +185,14 @@ def test_render_status_says_what_matters() -> None:
     assert "  no-zswap   helper  (gaps)\n    not enforced: built into the kernel: zswap" in text
     assert "    remedy: add initcall_blacklist=zswap_init" in text
     assert "PREDATES THE POLICY (it has efefefefefef, the policy is cdcdcdcdcdcd)" in text
+
+
+def test_render_status_says_which_module_tree() -> None:
+    """A merged-/usr root (Debian 13's kernel packages: no lib/modules) is named as such."""
+    assert "modules:     /lib/modules/6.1.0-test-amd64\n" in render_status(status_doc())
+    merged = status_doc(module_dir="/img/usr/lib/modules/6.12", module_dir_base="usr/lib/modules")
+    line = "modules:     /img/usr/lib/modules/6.12 (no lib/modules: using usr/lib/modules)\n"
+    assert line in render_status(merged)
 
 
 def test_render_status_initramfs_current_and_absent() -> None:

@@ -59,7 +59,7 @@ class Machine:
             "lib",
         ):
             (root / d).mkdir(parents=True, exist_ok=True)
-        (root / "lib/modules").symlink_to(tree.root / "lib/modules")
+        (root / "lib/modules").symlink_to(tree.module_dir.parent)
         self.write_policy(POLICY)
         self.proc(modprobe=HELPER_PATH, modules="")
 

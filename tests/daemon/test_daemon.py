@@ -110,6 +110,8 @@ def test_status_document(shared: tuple[SystemRoot, Daemon]) -> None:
     assert gen["files"] == [str(sr.policy_dir / "10-test.yaml")]
     assert doc["last_reload"]["ok"] is True
     assert doc["enforcement_file"] == str(sr.enforcement)
+    assert doc["module_dir"] == str(sr.root / "lib/modules" / sr.release)
+    assert doc["module_dir_base"] == "lib/modules"
     assert doc["loaded_denied"] == [
         {
             "module": "algif_aead",

@@ -31,7 +31,7 @@ def test_resolve_alias_to_load_set(tiny_tree: TinyTree, tmp_path: Path) -> None:
         assert res.modules == ("appletalk",)
         assert res.load_set == ("llc", "psnap", "appletalk")
         assert all(s.kind is StepKind.INSMOD for s in res.steps)
-        assert res.steps[-1].path == str(tiny_tree.module_dir / "kernel/net/appletalk/appletalk.ko")
+        assert res.steps[-1].path == str(tiny_tree.module_file("net/appletalk/appletalk"))
         assert res.resolved and not res.blacklisted
 
 

@@ -24,7 +24,7 @@ from tests import journald
 from tests.conftest import root_required
 from tests.daemon.running import HELPER, KERNEL_ENV, Daemon, SystemRoot
 from tests.kerneltree import KernelTree
-from tests.kmod.conftest import COPIED_INDEXES, TINY_MODULES
+from tests.kmod.conftest import COPIED_INDEXES, TINY_MODULES, copy_modules
 from tests.reliability.conftest import (
     HELPER_TIMEOUT_S,
     POLICY,
@@ -426,37 +426,31 @@ def tiny_module_dir(sr: SystemRoot, tree: KernelTree, modules: tuple[str, ...]) 
     """ROOT/lib/modules/REL as a real directory with MODULES (tests/kmod's tiny tree)."""
     moddir = sr.root / "lib/modules" / tree.release
     moddir.unlink()  # make_root's symlink to the shared tree: never depmod that one
-    for rel in modules:
-        dest = moddir / "kernel" / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tree.module_dir / "kernel" / rel, dest)
     for name in COPIED_INDEXES:
+        moddir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tree.module_dir / name, moddir / name)
     depmod(sr, tree, modules)
     return moddir
 
 
 def depmod(sr: SystemRoot, tree: KernelTree, modules: tuple[str, ...]) -> None:
-    moddir = sr.root / "lib/modules" / tree.release
-    (moddir / "modules.order").write_text("".join(f"kernel/{m}\n" for m in modules))
+    """Copy MODULES' real files (the tree's own suffix) and re-index ROOT with them."""
+    copy_modules(tree, sr.root / "lib/modules" / tree.release, modules)
     subprocess.run(["depmod", "-b", str(sr.root), tree.release], check=True, timeout=60)
 
 
 def test_depmod_while_running(own_root: SystemRoot, kernel_tree: KernelTree, tally: Tally) -> None:
     sr = own_root
-    without_vfat = tuple(m for m in TINY_MODULES if not m.endswith("/vfat.ko"))
+    without_vfat = tuple(m for m in TINY_MODULES if m != "fs/fat/vfat")
     moddir = tiny_module_dir(sr, kernel_tree, without_vfat)
     daemon = start_daemon(sr)
     decide = str(sr.runtime / helper.DECIDE_SOCKET)
     try:
-        assert helper.ask_daemon(decide, b"fs-vfat", 5.0) == b"allow default"  # no vfat.ko
+        assert helper.ask_daemon(decide, b"fs-vfat", 5.0) == b"allow default"  # no vfat.ko*
         gen = daemon.generation()
         assert gen is not None
         dep_inode = (moddir / "modules.dep").stat().st_ino
-        shutil.copyfile(
-            kernel_tree.module_dir / "kernel/fs/fat/vfat.ko", moddir / "kernel/fs/fat/vfat.ko"
-        )
-        depmod(sr, kernel_tree, TINY_MODULES)  # rewrites modules.* by rename
+        depmod(sr, kernel_tree, TINY_MODULES)  # copies vfat in; rewrites modules.* by rename
         assert (moddir / "modules.dep").stat().st_ino != dep_inode
         doc = wait_generation(daemon, gen)
         assert "modules." in doc["last_reload"]["cause"], doc["last_reload"]

@@ -11,8 +11,8 @@ tests/kerneltree.py mounted as its /lib/modules/RELEASE.  Facts this harness rel
 - virtme's root mount is 9p with cache=none: every exec and every Python import pays a
   round trip per lookup and page (/bin/true ~270 ms, `python3 -c pass` ~1.5 s).  A second
   read-only 9p export of / (tag `kmoddfast`), mounted with cache=loose and bound over
-  /usr/bin, /usr/lib/python3.11, the shared libraries and the repository, cuts exec cost
-  about 3x.  Only one mount per 9p tag is possible, hence the extra device.
+  /usr/bin, this Python's stdlib (sysconfig), the shared libraries and the repository,
+  cuts exec cost about 3x.  Only one mount per 9p tag is possible, hence the extra device.
 - udev's coldplug at boot loads ~35 modules through 80-drivers.rules (kvm, crypto drivers
   whose self-tests run under TCG): ~10 s of every boot.  We mask that rules file with an
   empty one (`--rodir /etc/udev/rules.d=...`; the host's dir is empty).  udevd still runs
@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -48,13 +49,24 @@ VENV_BIN = REPO_ROOT / ".venv" / "bin"
 FAST_TAG = "kmoddfast"
 RESULTS_DIR = "results"
 DEFAULT_MEMORY = "1G"
+
+
+def _python_dirs() -> tuple[str, ...]:
+    """This Python's stdlib and site dirs (sysconfig): /usr/lib/python3.11 on Debian 12,
+    /usr/lib/python3.13 on Debian 13; a venv's site-packages is under REPO_ROOT (bound)."""
+    names = ("stdlib", "platstdlib", "purelib", "platlib")
+    found = [sysconfig.get_paths()[n] for n in names]
+    dirs = [d for d in dict.fromkeys(found) if not Path(d).is_relative_to(REPO_ROOT)]
+    return tuple(d for d in dirs if Path(d).is_dir())
+
+
 # Dirs bound from the cache=loose export: what exec and Python startup read.
 FAST_DIRS = (
     "/usr/bin",
     "/usr/sbin",
     "/usr/lib/x86_64-linux-gnu",
-    "/usr/lib/python3",
-    "/usr/lib/python3.11",
+    "/usr/lib/python3",  # Debian's dist-packages
+    *_python_dirs(),
     "/usr/lib/systemd",
 )
 
