@@ -19,22 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kmodd.cli.replay import Change, Host, Replay
 from kmodd.policy.types import Outcome
-
-if TYPE_CHECKING:
-    from kmodd.cli.simulate import Change, Replay
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class Host:
-    hostname: str  # "" when the record had none
-    machine_id: str
-
-    def label(self) -> str:
-        name = self.hostname or "(no hostname)"
-        return f"{name} ({self.machine_id or 'no machine id'})"
 
 
 class Direction(StrEnum):

@@ -19,13 +19,12 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from kmodd.cli import fleet
 from kmodd.cli.common import paths_from_args, print_json, wants_json
-from kmodd.cli.fleet import Host
 from kmodd.cli.recorded import JournalQuery, Recorded, read_decisions
+from kmodd.cli.replay import Change, Group, Host, Key, Replay
 from kmodd.cli.validate import load_for
 from kmodd.errors import KmoddError
 from kmodd.kmod.context import KmodContext
@@ -42,40 +41,6 @@ class SimulateUsageError(KmoddError):
 
 
 Decider = Callable[[str, Source, RequesterFacts | None], engine.Decision]
-
-
-@dataclass(frozen=True, slots=True)
-class Key:
-    request: str
-    source: Source
-    requester: RequesterFacts | None
-    before: Outcome  # the recorded outcome
-    rule: str  # the recorded rule
-
-
-@dataclass
-class Group:
-    count: int = 0
-    first_us: int = 0
-    last_us: int = 0
-    comms: set[str] = field(default_factory=set)
-    hosts: dict[Host, int] = field(default_factory=dict)  # decisions per recording host
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    key: Key
-    group: Group
-    after: Outcome
-    decision: engine.Decision
-
-
-@dataclass
-class Replay:
-    decisions: int = 0
-    groups: dict[Key, Group] = field(default_factory=dict)
-    overflow: int = 0  # decisions not grouped (DISTINCT_MAX reached)
-    hosts: dict[Host, int] = field(default_factory=dict)  # every host seen, its decisions
 
 
 def group(records: Iterable[Recorded]) -> Replay:
