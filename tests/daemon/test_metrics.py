@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from kmodd.contract.journal import Record
+from kmodd.contract.status import DecisionCounters
+from kmodd.daemon.journal import JournalSink
 from kmodd.daemon.metrics import DecisionCount, GenerationMetric, RuleMetric, Snapshot, render
+from kmodd.daemon.metrics_writer import MetricsWriter
+from kmodd.daemon.view import CoreView
+from kmodd.paths import make_paths
 from tests.conftest import IN_CI, root_required
 from tests.daemon.running import BASE_POLICY, Daemon, SystemRoot, make_root, run_helper
 from tests.kerneltree import KernelTree
@@ -205,3 +211,62 @@ def test_the_daemons_file_after_real_decisions(
     assert run_helper(sr, "-q", "--", "algif-aead") == (1, None)
     later = _wait(path, lambda x: value(x, "kmodd_decisions_total", **deny, layers=HELD) == 3)
     assert value(later, "kmodd_decisions_total", **deny, layers=HELD) == 3
+
+
+# --- the writer, without a daemon -------------------------------------------------------
+
+
+def _view(tmp_path: Path) -> CoreView:
+    counters: DecisionCounters = {
+        "verdicts": {},
+        "rules": {},
+        "sources": {},
+        "invalid_names": 0,
+        "no_generation": 2,
+    }
+    return CoreView(
+        started=100.0,
+        paths=make_paths(tmp_path, "6.1.0-test", tmp_path / "run"),
+        generation=None,
+        last_reload=None,
+        decisions=counters,
+        journal_dropped=0,
+        journal_failed=0,
+        server_overflows=0,
+        notify_dropped=0,
+        modprobe_managed=False,
+        tamper=None,
+        static_usermodehelper=None,
+        devices=(),
+        notes=(),
+        attribution=None,
+        udev=None,
+        watcher=None,
+        kernel=None,
+        last_good=None,
+        decide=lambda name, source: None,
+    )
+
+
+def test_a_failing_write_is_reported_once_and_then_recovers(tmp_path: Path) -> None:
+    sent: list[Record] = []
+    sink = JournalSink(sent.append)
+    sink.start()
+    target = tmp_path / "node-exporter/kmodd.prom"
+    writer = MetricsWriter(target, sink, interval_s=0.0)
+    view = _view(tmp_path)
+    for _ in range(3):  # no such directory: three failed writes, one notice
+        writer.reloaded(False, view)
+    assert sink.flush()
+    assert [r.message for r in sent] == [
+        f"cannot write metrics to {target}: cannot use directory {target.parent}: "
+        "No such file or directory\n  hint: it must be a real directory"
+    ]
+    assert (writer.errors, writer.writes) == (3, 0)
+    target.parent.mkdir()
+    writer.tick(lambda: view)
+    s = parse(target.read_text())
+    assert value(s, "kmodd_reloads_total", result="failed") == 3
+    assert value(s, "kmodd_generation_active") == 0
+    assert value(s, "kmodd_no_generation_requests_total") == 2
+    sink.stop()
