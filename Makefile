@@ -10,18 +10,20 @@ VPY         := $(VENV)/bin/python
 # reads the kernel release of a vmlinuz with file(1); initramfs-tools (mkinitramfs,
 # lsinitramfs, unmkinitramfs), zstd and cpio build and read real initramfs images for the
 # early-boot hook's tests (~2.5 s per image); clang (bpf target) and libbpf-dev
-# (bpf_helpers.h) build the kernel layer's BPF object, libbpf1 loads it.
+# (bpf_helpers.h) build the kernel layer's BPF object, libbpf1 loads it;
+# systemd-journal-remote (~100 KB) is the fleet collector pair (journal-remote/-upload)
+# that tests/cli/test_fleet.py runs on loopback (~6 s).
 APT_PACKAGES := kmod libkmod2 libsystemd-dev pkg-config gcc python3-dev python3-venv \
                 qemu-system-x86 udev systemd util-linux procps psmisc busybox-static \
                 ca-certificates file initramfs-tools zstd cpio \
-                clang libbpf-dev libbpf1
+                clang libbpf-dev libbpf1 systemd-journal-remote
 
 # The kernel layer's BPF object (kmodd/bpf/kmodd.bpf.c): built here, shipped as package
 # data, so the target needs no compiler.  -g emits the BTF that CO-RE and libbpf need.
 BPF_OBJ     := kmodd/bpf/kmodd.bpf.o
 BPF_CFLAGS  := -O2 -g -Wall -Werror -target bpf -I/usr/include/$(shell uname -m)-linux-gnu
 
-.PHONY: help apt venv bpf kernel-tree trixie-chroot test test-fast lint demo bench clean
+.PHONY: help apt venv bpf kernel-tree promtool trixie-chroot test test-fast lint demo bench clean
 
 help:
 	@echo "make test         install everything, then run the whole suite (what CI runs)"
@@ -57,6 +59,20 @@ $(BPF_OBJ): kmodd/bpf/kmodd.bpf.c | apt
 kernel-tree: venv
 	$(VPY) -m tests.kerneltree
 
+# promtool (`promtool check metrics`, tests/daemon/test_metrics.py) from Debian's prometheus
+# package: only that one 48 MB binary is taken out of the 19 MB .deb (apt-get download, no
+# install), since installing the package would add the 50 MB server, its web assets and a
+# prometheus.service listening on :9090 to every CI machine.  ~5 s, once (cached).
+PROMTOOL    := .cache/promtool/promtool
+promtool: $(PROMTOOL)
+
+$(PROMTOOL):
+	rm -rf $(@D)/deb && mkdir -p $(@D)/deb
+	cd $(@D)/deb && { apt-get download -qq prometheus 2>/dev/null || \
+	    { apt-get update -qq && apt-get download -qq prometheus; }; }
+	dpkg-deb --fsys-tarfile $(@D)/deb/prometheus_*.deb | tar -xO ./usr/bin/promtool > $@.tmp
+	chmod 755 $@.tmp && $@.tmp --version >/dev/null && mv $@.tmp $@ && rm -rf $(@D)/deb
+
 # Optional: a Debian 13 chroot for experiments with its kmod 34.2 (the tests do not need
 # it: they run kmod 34 from the extracted packages).  ~80 s from deb.debian.org.
 TRIXIE_CHROOT ?= /var/cache/kmodd-dev/trixie
@@ -67,10 +83,10 @@ trixie-chroot:
 	    mv $(TRIXIE_CHROOT).tmp $(TRIXIE_CHROOT); }
 	chroot $(TRIXIE_CHROOT) modprobe --version
 
-test: venv kernel-tree
+test: venv kernel-tree promtool
 	$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-test-fast: venv
+test-fast: venv promtool
 	$(VPY) -m pytest -p no:cacheprovider -m 'not vm and not oracle' $(PYTEST_ARGS)
 
 lint: venv

@@ -43,21 +43,39 @@ shift 2
 exec "$@"
 """
 
+# Starts journald as another host: its own hostname (UTS namespace) and machine id (bind
+# mount over /etc/machine-id), which it stamps as _HOSTNAME/_MACHINE_ID on every record.
+_AS_HOST = r"""
+set -e
+mount --make-rprivate /
+mount --bind "$1" /etc/machine-id
+hostname "$2"
+shift 2
+exec "$@"
+"""
+
 Record = dict[str, str]
 
 
 class Journald:
-    def __init__(self, scratch: Path) -> None:
+    def __init__(self, scratch: Path, hostname: str | None = None) -> None:
+        """HOSTNAME: run as another host (its own hostname and a fresh machine id)."""
         self.namespace = f"kmoddtest{secrets.token_hex(4)}"
         self.socket_dir = Path(f"/run/systemd/journal.{self.namespace}")
+        self.hostname = hostname
+        self.machine_id = secrets.token_hex(16) if hostname else None
         self._scratch = scratch
         self._proc: subprocess.Popen[bytes] | None = None
         self._keepalive: socket.socket | None = None
 
     def start(self, timeout: float = 10.0) -> None:
-        self._proc = subprocess.Popen(
-            [JOURNALD, self.namespace], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        argv = [JOURNALD, self.namespace]
+        if self.hostname is not None and self.machine_id is not None:
+            mid = self._scratch / f"machine-id-{self.namespace}"
+            mid.write_text(self.machine_id + "\n")
+            argv = ["unshare", "-mu", "--", "sh", "-c", _AS_HOST, "sh", str(mid), self.hostname]
+            argv += [JOURNALD, self.namespace]
+        self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not (self.socket_dir / "stdout").exists():
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -85,12 +103,24 @@ class Journald:
             *argv,
         ]
 
+    def journal_dir(self) -> Path:
+        """Where this instance stores its files (persistent if /var/log/journal exists)."""
+        mid = self.machine_id or Path("/etc/machine-id").read_text().strip()
+        for base in ("/var/log/journal", "/run/log/journal"):
+            if (found := Path(base) / f"{mid}.{self.namespace}").is_dir():
+                return found
+        raise RuntimeError(f"journald {self.namespace} has no journal directory")
+
     def records(self, *matches: str) -> list[Record]:
         """Every record (journalctl FIELD=VALUE matches), oldest first."""
+        # --namespace finds the files by the local machine id: not another host's.
+        where = f"--namespace={self.namespace}"
+        if self.machine_id is not None:
+            where = f"--directory={self.journal_dir()}"
         proc = subprocess.run(
             [
                 "journalctl",
-                f"--namespace={self.namespace}",
+                where,
                 "-o",
                 "json",
                 "--no-pager",
@@ -133,13 +163,14 @@ class Journald:
                 self._proc.kill()
                 self._proc.wait(10)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
-        for stored in Path("/var/log/journal").glob(f"*.{self.namespace}"):
-            shutil.rmtree(stored, ignore_errors=True)
+        for base in ("/var/log/journal", "/run/log/journal"):
+            for stored in Path(base).glob(f"*.{self.namespace}"):
+                shutil.rmtree(stored, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def running_journald(scratch: Path) -> Iterator[Journald]:
-    jd = Journald(scratch)
+def running_journald(scratch: Path, hostname: str | None = None) -> Iterator[Journald]:
+    jd = Journald(scratch, hostname)
     try:
         jd.start()
         yield jd

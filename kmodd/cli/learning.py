@@ -14,7 +14,11 @@ def _journal_arguments(parser: argparse.ArgumentParser) -> None:
         "--journal-namespace", metavar="NS", help="read this journald namespace's journal"
     )
     parser.add_argument(
-        "--journal-directory", metavar="DIR", help="read journal files from DIR (an export)"
+        "--journal-directory",
+        "--directory",
+        dest="journal_directory",
+        metavar="DIR",
+        help="read journal files from DIR (an export, or a fleet's journal-remote output)",
     )
 
 
@@ -47,7 +51,9 @@ def _simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="candidate policy files or dirs (default: the policy dirs under --root)",
     )
     parser.add_argument(
-        "--since", metavar="TIME", required=True, help="replay decisions from TIME (journalctl)"
+        "--since",
+        metavar="TIME",
+        help="replay decisions from TIME (journalctl; optional with --directory: all of it)",
     )
     parser.add_argument("--until", metavar="TIME", help="... up to TIME")
     _journal_arguments(parser)
@@ -75,8 +81,12 @@ VERBS: tuple[VerbSpec, ...] = (
         description="Decide every request recorded in the journal since TIME again, with"
         " the candidate POLICY files (default: the policy dirs under --root) and the"
         " recorded requester, and list each outcome (allow, deny, would_deny) that would"
-        " change.  Exit 0 if none would, 1 if some would.",
+        " change.  With --directory DIR (journal files collected from many hosts by"
+        " systemd-journal-remote) the changes are also listed per host (_HOSTNAME,"
+        " _MACHINE_ID) with a summary for the change review.  Exit 0 if none would, 1 if"
+        " some would.",
         epilog="examples:\n  kmodctl simulate --since=-7d ./stricter.yaml\n"
-        "  kmodctl simulate --since '2026-11-01' /etc/kmodd/policy.d --json",
+        "  kmodctl simulate --since '2026-11-01' /etc/kmodd/policy.d --json\n"
+        "  kmodctl simulate --directory /var/log/journal/remote ./candidate.yaml",
     ),
 )

@@ -42,6 +42,10 @@ FIELDS = (  # what is read back (journalctl --output-fields)
     Field.REQUESTER_UNIT,
     Field.REQUESTER_CONTAINER,
 )
+# Trusted fields the recording journald stamped; systemd-journal-remote keeps them as the
+# uploader sent them, so in a collected directory they name the host (kmodctl simulate).
+HOST_FIELDS = ("_HOSTNAME", "_MACHINE_ID")
+HOST_MAX = 256  # a hostname is <= 64 bytes, a machine id 32 hex digits
 _SOURCES = frozenset(s.value for s in Source)
 _VERDICTS = frozenset(v.value for v in Verdict)
 _MODES = frozenset(m.value for m in Mode)
@@ -72,6 +76,8 @@ class Recorded:
     requester: RequesterFacts | None
     comm: str | None  # the requester's comm, for humans
     at_us: int  # __REALTIME_TIMESTAMP
+    hostname: str = ""  # _HOSTNAME of the recording journald ("" if absent)
+    machine_id: str = ""  # _MACHINE_ID
 
     @property
     def outcome(self) -> Outcome:
@@ -88,7 +94,8 @@ def journalctl_argv(query: JournalQuery) -> list[str]:
         raise JournalReadError(
             "journalctl not found", hint="install systemd, or pass --no-journal to generate"
         )
-    argv = [exe, "-o", "json", "--no-pager", f"--output-fields=MESSAGE_ID,{','.join(FIELDS)}"]
+    fields = ",".join(("MESSAGE_ID", *HOST_FIELDS, *FIELDS))
+    argv = [exe, "-o", "json", "--no-pager", f"--output-fields={fields}"]
     if query.since:
         argv.append(f"--since={query.since}")
     if query.until:
@@ -124,7 +131,13 @@ def parse_record(record: Mapping[str, object]) -> Recorded | None:
         requester=requester_facts(record),
         comm=comm if isinstance(comm, str) and comm else None,
         at_us=at_us,
+        hostname=_short(record.get("_HOSTNAME")),
+        machine_id=_short(record.get("_MACHINE_ID")),
     )
+
+
+def _short(value: object) -> str:
+    return value[:HOST_MAX] if isinstance(value, str) else ""
 
 
 def read_decisions(query: JournalQuery) -> Iterator[Recorded]:

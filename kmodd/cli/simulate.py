@@ -1,5 +1,6 @@
 """`kmodctl simulate --since TIME [POLICY…]`: replay recorded decisions against a
-candidate policy and list every outcome that would change.
+candidate policy and list every outcome that would change.  With --directory DIR (journal
+files collected from many hosts) the changes are also split per host (kmodd.cli.fleet).
 
 Each recorded decision (journal, see kmodd.cli.recorded) is decided again, offline, with
 the candidate policy (POLICY files/dirs, or the policy dirs under --root) and libkmod on
@@ -18,52 +19,28 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
+from kmodd.cli import fleet
 from kmodd.cli.common import paths_from_args, print_json, wants_json
 from kmodd.cli.recorded import JournalQuery, Recorded, read_decisions
+from kmodd.cli.replay import Change, Group, Host, Key, Replay
 from kmodd.cli.validate import load_for
+from kmodd.errors import KmoddError
 from kmodd.kmod.context import KmodContext
 from kmodd.policy import engine
 from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.types import Mode, Outcome, Source
 
 DISTINCT_MAX = 100_000  # groups kept; names are attacker-chosen, the rest is counted
+HOSTS_MAX = 20_000  # hosts told apart (a fleet's collector); more are counted, not named
+
+
+class SimulateUsageError(KmoddError):
+    """simulate was given no window: neither --since nor a collected --directory."""
+
 
 Decider = Callable[[str, Source, RequesterFacts | None], engine.Decision]
-
-
-@dataclass(frozen=True, slots=True)
-class Key:
-    request: str
-    source: Source
-    requester: RequesterFacts | None
-    before: Outcome  # the recorded outcome
-    rule: str  # the recorded rule
-
-
-@dataclass
-class Group:
-    count: int = 0
-    first_us: int = 0
-    last_us: int = 0
-    comms: set[str] = field(default_factory=set)
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    key: Key
-    group: Group
-    after: Outcome
-    decision: engine.Decision
-
-
-@dataclass
-class Replay:
-    decisions: int = 0
-    groups: dict[Key, Group] = field(default_factory=dict)
-    overflow: int = 0  # decisions not grouped (DISTINCT_MAX reached)
 
 
 def group(records: Iterable[Recorded]) -> Replay:
@@ -81,6 +58,10 @@ def group(records: Iterable[Recorded]) -> Replay:
         found.last_us = max(found.last_us, rec.at_us)
         if rec.comm and len(found.comms) < 8:
             found.comms.add(rec.comm)
+        host = Host(rec.hostname, rec.machine_id)
+        if host in replay.hosts or len(replay.hosts) < HOSTS_MAX:
+            replay.hosts[host] = replay.hosts.get(host, 0) + 1
+            found.hosts[host] = found.hosts.get(host, 0) + 1
     return replay
 
 
@@ -158,22 +139,32 @@ def make_decider(ctx: KmodContext, compiled: engine.CompiledPolicy) -> Decider:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.since and not args.journal_directory:
+        raise SimulateUsageError(
+            "simulate needs --since TIME", hint="or --directory DIR (a fleet's collected journal)"
+        )
     policy = load_for(args, args.policies)
     compiled = engine.compile_policy(policy)
     query = JournalQuery(args.since, args.until, args.journal_namespace, args.journal_directory)
     replay = group(read_decisions(query))
     with KmodContext.from_paths(paths_from_args(args)) as ctx:
         found = changes(replay, make_decider(ctx, compiled), compiled.mode)
+    reports = fleet.per_host(replay, found)
     if wants_json(args):
         print_json(
             {
                 "policy": {"files": list(compiled.files), "mode": compiled.mode.value},
                 "since": args.since,
+                "directory": args.journal_directory,
                 "decisions": replay.decisions,
                 "distinct": len(replay.groups),
                 "changes": [change_json(c) for c in found],
+                "summary": fleet.summary(reports, found),
+                "hosts": [fleet.host_json(r) for r in reports],
             }
         )
     else:
         sys.stdout.write(render_text(replay, found, compiled.files))
+        if args.journal_directory:
+            sys.stdout.write(fleet.render_text(reports, found))
     return 1 if found else 0

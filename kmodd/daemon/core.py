@@ -137,7 +137,9 @@ class Core:
         while self._stopping is None:
             now = self.edges.clock()
             if now >= next_tick:
-                self.housekeeper.tick(self.generation, self._building, self.status_line())
+                self.housekeeper.tick(
+                    self.generation, self._building, self.status_line(), self.view
+                )
                 next_tick = now + self._tick_interval()
             self._expire_parked(now)
             deadlines = [next_tick, server.next_deadline(), self._parked_deadline()]
@@ -255,6 +257,7 @@ class Core:
             self.sink.emit(records.reload_failed(built.errors, self.last_reload.cause_text, kept))
             if kept is None and self.edges.last_good is not None:
                 self.edges.last_good.fall_back(built.errors)
+        self.housekeeper.reloaded(built.generation is not None, self.view)
         if self._building:
             self.edges.notifier.ready(self.status_line())
         for reply in self._waiting:
@@ -418,6 +421,7 @@ class Core:
             kernel=edges.kernel,
             last_good=None if edges.last_good is None else edges.last_good.status(),
             decide=decide,
+            decisions_by_layer=tuple(self.decider.stats.layered.items()),
         )
 
     def status_line(self) -> str:

@@ -34,8 +34,10 @@ from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.types import Outcome, Source, Verdict
 
 DECISION_CACHE_MAX = 4096
+LAYERED_MAX = 10_000  # (outcome, rule, source, layers) rows: rule ids are the policy's
 NO_GENERATION = b"error no policy generation\n"
 _Key = tuple[str, Source, RequesterFacts | None]
+Layered = tuple[str, str, str, tuple[str, ...]]  # outcome, rule, source, enforcing layers
 
 
 @dataclass
@@ -45,11 +47,16 @@ class Stats:
     sources: Counter[Source] = field(default_factory=Counter)
     invalid_names: int = 0
     no_generation: int = 0  # decide requests answered "error" (the helper fell back)
+    layered: Counter[Layered] = field(default_factory=Counter)  # the metrics' rows
 
-    def count(self, d: Decision) -> None:
+    def count(self, d: Decision, enforcement: records.Enforcement | None = None) -> None:
         self.verdicts[d.outcome] += 1
         self.rules[d.rule] += 1
         self.sources[d.source] += 1
+        held = () if enforcement is None else tuple(sorted(str(x) for x in enforcement[0]))
+        key = (d.outcome.value, d.rule, d.source.value, held)
+        if key in self.layered or len(self.layered) < LAYERED_MAX:
+            self.layered[key] += 1
 
     def document(self) -> DecisionCounters:
         return DecisionCounters(
@@ -139,7 +146,7 @@ class Decider:
             text = f"no policy generation: helper decides {name.decode()} from its snapshot"
             self.sink.emit(records.fallback(text))
             return NO_GENERATION
-        self.stats.count(found.decision)
+        self.stats.count(found.decision, found.enforcement)
         self.sink.emit(records.annotate(found.record(), who, extra))
         return found.reply
 
@@ -158,7 +165,7 @@ class Decider:
             return None
         d = found.decision
         if not only_denied or d.verdict is Verdict.DENY:
-            self.stats.count(d)
+            self.stats.count(d, found.enforcement)
             assert self._generation is not None
             loaded = self._already_loaded(d) if device is not None else ()
             record = records.decision(

@@ -1,14 +1,19 @@
 """Periodic housekeeping on the core thread: the watchdog ping, the kernel.modprobe tamper
-check (and re-assert), the snapshot repair and the manager's STATUS= line."""
+check (and re-assert), the snapshot repair, the manager's STATUS= line and the metrics
+file (daemon/metrics_writer.py: on its interval, and after every reload)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from kmodd.atomic import write_atomic
 from kmodd.contract.journal import Priority
 from kmodd.daemon import records
 from kmodd.daemon.generation import Generation
 from kmodd.daemon.journal import JournalSink
+from kmodd.daemon.metrics_writer import MetricsWriter
 from kmodd.daemon.ports import Edges, ModprobePathLike, TamperLike
+from kmodd.daemon.view import CoreView
 from kmodd.errors import KmoddError
 from kmodd.paths import Paths
 
@@ -19,9 +24,16 @@ class Housekeeper:
         self.sink = sink
         self.edges = edges
         self.tamper: TamperLike | None = None  # the last kernel.modprobe check
+        self.metrics: MetricsWriter | None = None  # set by the composition root
         self._last_status = ""
 
-    def tick(self, gen: Generation | None, building: bool, status_line: str) -> None:
+    def tick(
+        self,
+        gen: Generation | None,
+        building: bool,
+        status_line: str,
+        view: Callable[[], CoreView] | None = None,
+    ) -> None:
         self.edges.notifier.watchdog()
         self.check_tamper()
         if gen is not None and not building:
@@ -30,6 +42,13 @@ class Housekeeper:
         if status_line != self._last_status:  # the manager's queue is finite: no repeats
             self._last_status = status_line
             self.edges.notifier.status(status_line)
+        if self.metrics is not None and view is not None:
+            self.metrics.tick(view)
+
+    def reloaded(self, ok: bool, view: Callable[[], CoreView]) -> None:
+        """A reload finished (OK: a new generation is active): the metrics say so now."""
+        if self.metrics is not None:
+            self.metrics.reloaded(ok, view())
 
     def check_tamper(self) -> None:
         mp = self.edges.modprobe_path

@@ -28,6 +28,9 @@ from kmodd.daemon.generation import BuildOptions
 from kmodd.daemon.journal import JournalSink, default_sender, stream_sender
 from kmodd.daemon.kernel_layer import KernelEdge
 from kmodd.daemon.lastgood import LastGood
+from kmodd.daemon.metrics_writer import DEFAULT_PATH as METRICS_PATH
+from kmodd.daemon.metrics_writer import INTERVAL_S as METRICS_INTERVAL_S
+from kmodd.daemon.metrics_writer import MetricsWriter
 from kmodd.daemon.notify import Notifier
 from kmodd.daemon.ports import Edges
 from kmodd.daemon.server import Kind, Server, activated_sockets, bind_unix, prepare_runtime_dir
@@ -104,6 +107,19 @@ def make_parser() -> argparse.ArgumentParser:
         "--no-kernel-layer",
         action="store_true",
         help="do not load the BPF LSM layer (docs/attribution.md); pins already there stay",
+    )
+    p.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="write Prometheus metrics here for node_exporter's textfile collector"
+        f" (e.g. {METRICS_PATH}; default: none)",
+    )
+    p.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=METRICS_INTERVAL_S,
+        metavar="S",
+        help=f"rewrite the metrics file every S seconds (default: {METRICS_INTERVAL_S:g})",
     )
     p.add_argument(
         "--log-stderr",
@@ -266,6 +282,10 @@ def run(args: argparse.Namespace) -> int:
         notifier=notifier, reassert=args.reassert, attributor=attributor, last_good=last_good
     )
     core = Core(paths, options, sink, edges)
+    if args.metrics_file:
+        core.housekeeper.metrics = MetricsWriter(
+            Path(args.metrics_file), sink, max(1.0, args.metrics_interval)
+        )
     cleanup: Cleanup = [sink.stop, core.close]
     if attributor is not None:
         cleanup.append(attributor.stop)

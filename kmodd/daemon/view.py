@@ -56,3 +56,5 @@ class CoreView:
     kernel: KernelLike | None  # the BPF LSM layer; None: not started
     last_good: LastGoodInfo | None  # the persisted store; None: a core without one
     decide: Callable[[str, Source], Decision | None]  # the Decider's, uncounted
+    # (outcome, rule, source, enforcing layers) -> decisions: the metrics file's rows
+    decisions_by_layer: tuple[tuple[tuple[str, str, str, tuple[str, ...]], int], ...] = ()
