@@ -9,8 +9,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 
 from kmodd.daemon.startup import (
     EXIT_START_GAVE_UP,
+    IMPORT_EXTEND_S,
     BuildCancelled,
     CommitGate,
     StartLimits,
@@ -25,7 +28,7 @@ from kmodd.daemon.startup import (
     wait_for_first,
 )
 from tests.conftest import root_required
-from tests.daemon.running import Daemon, SystemRoot, make_root
+from tests.daemon.running import REPO, Daemon, SystemRoot, make_root
 from tests.daemon.slowbuild import GATE_ENV, STARTED_ENV
 from tests.daemon.test_lifecycle import Manager
 from tests.kerneltree import KernelTree
@@ -157,6 +160,29 @@ def test_giving_up_after_the_cap_publishes_the_stored_generation(sr: SystemRoot)
         assert (sr.runtime / "published").read_text().startswith("daemon last-good generation 1")
     finally:
         held.close()
+
+
+def test_the_kmodd_command_asks_for_time_before_importing_the_daemon(tmp_path: Path) -> None:
+    """The entry point sends its EXTEND_TIMEOUT_USEC= before the daemon's imports and
+    argument parsing: a bad option still exits 2, after the message."""
+    mgr = Manager(tmp_path / "notify.sock")
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
+        env["NOTIFY_SOCKET"] = str(mgr.path)
+        cmd = [sys.executable, "-m", "kmodd.daemon.entry", "--bogus"]
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert proc.returncode == 2 and "--bogus" in proc.stderr
+        msg = mgr.wait_for("EXTEND_TIMEOUT_USEC")
+        assert msg["EXTEND_TIMEOUT_USEC"] == str(int(IMPORT_EXTEND_S * 1_000_000))
+    finally:
+        mgr.close()
+
+
+def test_the_kmodd_script_is_the_entry_module() -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["kmodd"] == "kmodd.daemon.entry:main"
 
 
 # --- the pieces, without processes ---------------------------------------------------------
