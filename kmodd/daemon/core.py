@@ -295,6 +295,9 @@ class Core:
         if outcome is StartOutcome.BUILT:
             for event in held:
                 self.handle(event)
+            # What was queued behind the build (a Stop, say) waits for no other wake-up.
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(self._wake, 1)
         return outcome
 
     def _not_started(self, outcome: StartOutcome) -> int:
