@@ -17,6 +17,9 @@ from kmodd.errors import KmoddError
 MODPROBE_D_DIRS = bootpublish.MODPROBE_D_DIRS
 POLICY_DIRS = bootpublish.POLICY_DIRS
 ENFORCEMENT_FILE = bootpublish.ENFORCEMENT_FILE
+# In the runtime dir: an empty 00-kmodd.conf that hides our own enforcement file from the
+# daemon's decisions (kmodd.daemon.generation); `kmodctl uninstall` removes it.
+MASK_DIR = "kmod-mask"
 # Where `kmodctl install` puts the helper and what kernel.modprobe points at (the sysctl.d
 # drop-in, the daemon's --helper-path default, the deny stub of the rendered file).
 HELPER_PATH = "/usr/local/libexec/kmodd/kmodd-modprobe"

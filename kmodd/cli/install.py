@@ -31,8 +31,8 @@ from kmodd.bpf.layer import MAPS, PIN_DIR, PROGRAMS
 from kmodd.cli.common import print_json, wants_json
 from kmodd.cli.verbs import Verb, VerbSpec
 from kmodd.errors import KmoddError
-from kmodd.host.modprobe_path import ModprobePath
-from kmodd.paths import ENFORCEMENT_FILE, HELPER_PATH
+from kmodd.host.modprobe_path import PREVIOUS_FILE, ModprobePath
+from kmodd.paths import ENFORCEMENT_FILE, HELPER_PATH, MASK_DIR
 
 HELPER_DEST = HELPER_PATH.lstrip("/")  # under --prefix
 BOOT_PUBLISH_DEST = "usr/local/libexec/kmodd/kmodd-boot-publish"  # kmodd/bootpublish.py
@@ -379,14 +379,9 @@ def uninstall(
             _remove(prefix / rel, dry_run, steps)
     # Without the daemon, the rendered deny file would go on blocking modules nobody
     # manages any more; the helper snapshot is meaningless without the helper.
-    runtime = helper.RUNTIME_DIR.lstrip("/")
-    for rel in (
-        ENFORCEMENT_FILE,
-        f"{runtime}/{helper.SNAPSHOT_FILE}",
-        f"{runtime}/{bootpublish.PUBLISHED_FILE}",
-    ):
-        if (prefix / rel).exists():
-            _remove(prefix / rel, dry_run, steps)
+    if (prefix / ENFORCEMENT_FILE).exists():
+        _remove(prefix / ENFORCEMENT_FILE, dry_run, steps)
+    _remove_runtime(prefix / helper.RUNTIME_DIR.lstrip("/"), dry_run, steps)
     _unpin_kernel_layer(prefix, dry_run, steps)
     _remove_store(prefix, dry_run, steps)
     for rel in sorted(filter(_safe_rel, manifest.dirs), key=lambda d: -len(Path(d).parts)):
@@ -394,6 +389,42 @@ def uninstall(
     if _systemd_running(prefix):
         _systemctl(["daemon-reload"], steps, dry_run)
     return steps
+
+
+# What kmodd and its boot step put in /run/kmodd: the helper snapshot, the marker of who
+# published, the kernel.modprobe memo, the sockets (socket units remove theirs on stop),
+# and kmod-mask/, the empty file that hides our own enforcement file from decisions.
+RUNTIME_FILES = (
+    helper.SNAPSHOT_FILE,
+    bootpublish.PUBLISHED_FILE,
+    PREVIOUS_FILE,
+    helper.DECIDE_SOCKET,
+    helper.CONTROL_SOCKET,
+)
+
+
+def _ours(name: str, names: Sequence[str]) -> bool:
+    """NAME, or a temp file kmodd.atomic / the boot step left of one (`.NAME.PID.*.tmp`)."""
+    return name in names or any(
+        name.startswith(f".{known}.") and name.endswith(".tmp") for known in names
+    )
+
+
+def _remove_runtime(runtime: Path, dry_run: bool, steps: list[Step]) -> None:
+    """Everything of kmodd's in /run/kmodd, then the dir itself when nothing else is left
+    (an admin's /run/kmodd/policy.d is not ours: it is kept, and so is the dir)."""
+    if not runtime.is_dir() or runtime.is_symlink():
+        return
+    mask = runtime / MASK_DIR
+    if mask.is_dir() and not mask.is_symlink():
+        for entry in sorted(mask.iterdir()):
+            if _ours(entry.name, (Path(ENFORCEMENT_FILE).name,)):
+                _remove(entry, dry_run, steps)
+        _remove_dir(mask, dry_run, steps)
+    for entry in sorted(runtime.iterdir()):
+        if _ours(entry.name, RUNTIME_FILES) and not entry.is_dir():
+            _remove(entry, dry_run, steps)
+    _remove_dir(runtime, dry_run, steps)
 
 
 def _unpin_kernel_layer(prefix: Path, dry_run: bool, steps: list[Step]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,13 @@ from kmodd.daemon.housekeeping import Housekeeper
 from kmodd.daemon.journal import JournalSink
 from kmodd.daemon.ports import Edges
 from kmodd.daemon.server import Kind, Peer, Server
+from kmodd.daemon.startup import (
+    EXIT_START_GAVE_UP,
+    CommitGate,
+    StartLimits,
+    StartOutcome,
+    wait_for_first,
+)
 from kmodd.daemon.treeindex import TreeIndex
 from kmodd.daemon.view import CoreView, ReloadResult
 from kmodd.host.proc import Requester
@@ -83,7 +91,12 @@ class _Parked:
 
 class Core:
     def __init__(
-        self, paths: Paths, options: BuildOptions, sink: JournalSink, edges: Edges
+        self,
+        paths: Paths,
+        options: BuildOptions,
+        sink: JournalSink,
+        edges: Edges,
+        limits: StartLimits | None = None,
     ) -> None:
         self.paths = paths
         self.options = options
@@ -106,6 +119,9 @@ class Core:
         self._parked: list[_Parked] = []  # at most the decide socket's connection slots
         self._server: Server | None = None
         self._closed = False
+        self.limits = StartLimits() if limits is None else limits
+        self.gate = CommitGate()  # closed when stopping: no half-published generation
+        self._builder: threading.Thread | None = None
         if edges.attributor is not None:
             edges.attributor.subscribe(lambda: self.post(Traced()))
 
@@ -128,7 +144,9 @@ class Core:
         self._server = server
         server.add_reader(self._wake, self._drain)
         self.sink.emit(records.lifecycle(True, f"kmodd {os.getpid()} starting"))
-        self._build_now(ReloadCause.START)
+        first = self._first_build()
+        if first is not StartOutcome.BUILT:
+            return self._not_started(first)
         lg = self.edges.last_good  # READY only with enforcement in place (lastgood)
         if lg is not None and not lg.enforcing(self.generation):
             return lg.no_enforcement(self.last_reload.errors if self.last_reload else ())
@@ -158,9 +176,15 @@ class Core:
         """Connections closed unanswered because a socket's slots were full."""
         return 0 if self._server is None else self._server.overflows
 
+    @property
+    def builder_running(self) -> bool:
+        """A build thread is still at work (the daemon then exits without waiting)."""
+        return self._builder is not None and self._builder.is_alive()
+
     def close(self) -> None:
         # The eventfd stays open until exit: a builder thread still running may post,
         # and writing to a closed (possibly reused) fd number would be worse than a leak.
+        self.gate.close()
         self._closed = True
         if self.generation is not None:
             self.generation.close()
@@ -218,9 +242,11 @@ class Core:
         try:
             number = self._next_number()
             if lg is not None:  # checks the dirs, publishes and persists too
-                gen = lg.build(number, self.generation, self.tree_index)
+                gen = lg.build(number, self.generation, self.tree_index, self.gate)
             else:
-                gen = publish(build_generation(number, self.paths, self.options, self.tree_index))
+                gen = build_generation(number, self.paths, self.options, self.tree_index)
+                with self.gate.commit():
+                    gen = publish(gen)
             if self.edges.kernel is not None:  # the kernel's tables with the files
                 self.edges.kernel.apply(gen)
         except Exception as err:  # every failure is reported; the old generation stays
@@ -229,8 +255,79 @@ class Core:
         return _Built(cause, detail, gen, (), time.monotonic() - start)
 
     def _build_now(self, cause: ReloadCause) -> None:
-        """The first generation is built on this thread: nothing to serve before it."""
+        """A generation built on this thread (tests; the daemon uses _first_build)."""
         self._built(self._build(cause, ""))
+
+    def _first_build(self) -> StartOutcome:
+        """The first generation, built on a builder thread while this one extends the
+        start timeout and listens for Stop (kmodd.daemon.startup).  Nothing is served
+        before it; other events wait for it, in order."""
+        self._builder = threading.Thread(
+            target=lambda: self.post(self._build(ReloadCause.START, "")),
+            name="kmodd-build",
+            daemon=True,
+        )
+        self._builder.start()
+        held: list[Event] = []
+        started = self.edges.clock()
+
+        def wait(timeout: float) -> StartOutcome | None:
+            select.select([self._wake], [], [], timeout)
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._wake)
+            while True:
+                try:
+                    event = self._queue.get_nowait()
+                except queue.Empty:
+                    return None
+                if isinstance(event, _Built):
+                    self._built(event)
+                    return StartOutcome.BUILT
+                if isinstance(event, Stop):
+                    self._stopping = event.reason
+                    return StartOutcome.STOPPED
+                held.append(event)
+
+        def extend(usec: int) -> None:
+            took = self.edges.clock() - started
+            status = f"building the first policy generation ({took:.0f} s)"
+            self.edges.notifier.extend_timeout(usec, status)
+
+        outcome = wait_for_first(self.limits, self.edges.clock, wait, extend)
+        if outcome is StartOutcome.BUILT:
+            for event in held:
+                self.handle(event)
+            # What was queued behind the build (a Stop, say) waits for no other wake-up.
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(self._wake, 1)
+        return outcome
+
+    def _not_started(self, outcome: StartOutcome) -> int:
+        """Stopped, or gave up, before the first generation: publish none of it."""
+        ended = self.gate.close()  # False: a publish under way did not end in COMMIT_WAIT_S
+        committed = self.gate.committed > 0 or not ended
+        pid, lg = os.getpid(), self.edges.last_good
+        if outcome is StartOutcome.GAVE_UP:
+            text = (
+                f"the first policy generation was not built within {self.limits.cap_s:g} s: "
+                f"giving up, exit {EXIT_START_GAVE_UP} (kmodd.service does not restart it); "
+                "fix what makes the build slow (journalctl -u kmodd), then systemctl restart kmodd"
+            )
+            self.sink.emit(records.notice(text, Priority.ERR))
+            if lg is not None:
+                lg.not_started(text, fall_back=True)
+            return EXIT_START_GAVE_UP
+        what = "its generation was published whole" if committed else "nothing published"
+        if not ended:
+            what = "a publish under way did not end in time"
+        text = f"stopping: {self._stopping} during the first build ({what})"
+        self.edges.notifier.stopping(text)
+        if lg is not None and not committed:
+            lg.not_started(
+                f"kmodd stopped ({self._stopping}) before its first generation", fall_back=False
+            )
+        self.sink.emit(records.lifecycle(False, f"kmodd {pid} {text}"))
+        return 0
 
     def request_reload(self, cause: ReloadCause, reply: Reply | None, detail: str = "") -> None:
         if self._building:  # coalesced: one more build after this one, for all of them
@@ -240,9 +337,10 @@ class Core:
         self._building = True
         self._waiting = [reply]
         self.edges.notifier.reloading()
-        threading.Thread(
+        self._builder = threading.Thread(
             target=lambda: self.post(self._build(cause, detail)), name="kmodd-build", daemon=True
-        ).start()
+        )
+        self._builder.start()
 
     def _built(self, built: _Built) -> None:
         error: str | None = None
@@ -370,6 +468,7 @@ class Core:
     def _udev(self, device: UdevDevice) -> None:
         if device.action is UdevAction.REMOVE:  # gone: no device needing a denied module
             self.devices.pop(device.devpath, None)
+            self.decider.forget(device.devpath)
             return
         if not device.modalias:
             return
@@ -377,6 +476,7 @@ class Core:
             del self.devices[next(iter(self.devices))]  # hotplug churn must not grow us
         self.devices[device.devpath] = device
         # Coldplug at start sees every present device: log only what the policy denies.
+        # udev's replay at boot sees them again: the decider records each once.
         coldplug = device.action is UdevAction.COLDPLUG
         self.decider.logged(device.modalias, Source.UDEV, device=device, only_denied=coldplug)
 

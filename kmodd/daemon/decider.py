@@ -35,6 +35,7 @@ from kmodd.policy.types import Outcome, Source, Verdict
 
 DECISION_CACHE_MAX = 4096
 LAYERED_MAX = 10_000  # (outcome, rule, source, layers) rows: rule ids are the policy's
+DEVICES_RECORDED_MAX = 8192  # = core.DEVICES_MAX: a server has a few hundred devices
 NO_GENERATION = b"error no policy generation\n"
 _Key = tuple[str, Source, RequesterFacts | None]
 Layered = tuple[str, str, str, tuple[str, ...]]  # outcome, rule, source, enforcing layers
@@ -102,6 +103,10 @@ class Decider:
         self.misses = 0
         self._generation: Generation | None = None
         self._cache: dict[_Key, Answer] = {}
+        # devpath -> MODALIAS recorded with this generation: at boot kmodd's coldplug scan
+        # and udev's replay (`udevadm trigger`) see every device, which gave 19 deny
+        # records for 10 devices (issue 14); one record per device per generation.
+        self._recorded: dict[str, str] = {}
 
     @property
     def generation(self) -> Generation | None:
@@ -112,8 +117,13 @@ class Decider:
         return len(self._cache)
 
     def use(self, generation: Generation) -> None:
-        """Decide with GENERATION from now on (its cache starts empty)."""
-        self._generation, self._cache = generation, {}
+        """Decide with GENERATION from now on (its cache starts empty, and every device
+        may be recorded once more)."""
+        self._generation, self._cache, self._recorded = generation, {}, {}
+
+    def forget(self, devpath: str) -> None:
+        """The device went away: when it comes back, it is decided and recorded again."""
+        self._recorded.pop(devpath, None)
 
     def answer(
         self, name: str, source: Source, facts: RequesterFacts | None = None
@@ -159,12 +169,17 @@ class Decider:
         peer_pid: int | None = None,
         only_denied: bool = False,
     ) -> Decision | None:
-        """A udev or cli decision, counted and journaled (ONLY_DENIED: unless it allows)."""
+        """A udev or cli decision, counted and journaled (ONLY_DENIED: unless it allows); a
+        DEVICE whose MODALIAS was recorded with this generation is not recorded again."""
         found = self.answer(name, source)
         if found is None:
             return None
         d = found.decision
+        if device is not None and self._recorded.get(device.devpath) == name:
+            return d
         if not only_denied or d.verdict is Verdict.DENY:
+            if device is not None:
+                self._remember(device.devpath, name)
             self.stats.count(d, found.enforcement)
             assert self._generation is not None
             loaded = self._already_loaded(d) if device is not None else ()
@@ -178,6 +193,12 @@ class Decider:
             )
             self.sink.emit(record)
         return d
+
+    def _remember(self, devpath: str, modalias: str) -> None:
+        self._recorded.pop(devpath, None)  # re-inserted last: FIFO by recording time
+        if len(self._recorded) >= DEVICES_RECORDED_MAX:
+            del self._recorded[next(iter(self._recorded))]
+        self._recorded[devpath] = modalias
 
     def _already_loaded(self, d: Decision) -> tuple[str, ...]:
         """The denied modules of a device's decision that are in the kernel already (the

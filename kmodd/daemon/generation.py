@@ -28,7 +28,7 @@ from kmodd.kmod.context import KmodContext, config_dirs, config_key, index_key
 from kmodd.kmod.initramfs import PolicyRecord, policy_record
 from kmodd.kmod.model import Resolution
 from kmodd.kmod.provenance import Provenance
-from kmodd.paths import ENFORCEMENT_FILE, Paths
+from kmodd.paths import ENFORCEMENT_FILE, MASK_DIR, Paths
 from kmodd.policy import compiler, engine
 from kmodd.policy.coverage import (
     Layer,
@@ -41,8 +41,6 @@ from kmodd.policy.loader import load_policy
 from kmodd.policy.model import PolicySet
 from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.types import Mode, Source
-
-MASK_DIR = "kmod-mask"  # in the runtime dir: hides our own enforcement file from decisions
 
 
 @dataclass(frozen=True, slots=True)

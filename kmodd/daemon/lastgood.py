@@ -29,6 +29,7 @@ from kmodd.contract.status import FallbackInfo, LastGoodInfo
 from kmodd.daemon import persist, records
 from kmodd.daemon.generation import BuildOptions, Generation, build_generation, publish
 from kmodd.daemon.journal import JournalSink
+from kmodd.daemon.startup import CommitGate
 from kmodd.daemon.treeindex import TreeIndex
 from kmodd.errors import KmoddError
 from kmodd.host.cmdline import read_mode_override
@@ -91,31 +92,37 @@ class LastGood:
         return max(0 if current is None else current.number, self._highest) + 1
 
     def build(
-        self, number: int, current: Generation | None, index: TreeIndex | None = None
+        self,
+        number: int,
+        current: Generation | None,
+        index: TreeIndex | None = None,
+        gate: CommitGate | None = None,
     ) -> Generation:
         """Check the dirs, build (with what INDEX kept of the last build), publish and
         persist generation NUMBER (raises like build_generation; nothing is published or
-        persisted then)."""
+        persisted then).  Publishing and persisting happen through GATE, all or nothing
+        (a stopping daemon closes it: kmodd.daemon.startup)."""
         built_from = persist.inputs(self.paths, self.options.cmdline)  # before: see persist
         with self._lock:
             accepted = frozenset(self._accepted)
         check_lost_dirs(self.paths, self.last_dirs, accepted)
         dirs = dirs_in_use(self.paths)
         gen = build_generation(number, self.paths, self.options, index)
-        try:
-            if current is None:
-                gen = self._same_as_stored(gen, built_from)
-            gen = publish(gen)
-        except BaseException:
-            gen.close()
-            raise
-        self._highest = max(self._highest, gen.number)
-        self.last_dirs = dirs
-        self.fallback = None  # a generation of the policy decides again
-        with self._lock:
-            self._accepted -= accepted
-        self._persist(gen, dirs, built_from)
-        self._mark_published(f"daemon generation {gen.number} hash {gen.hash}")
+        with CommitGate().commit() if gate is None else gate.commit():
+            try:
+                if current is None:
+                    gen = self._same_as_stored(gen, built_from)
+                gen = publish(gen)
+            except BaseException:
+                gen.close()
+                raise
+            self._highest = max(self._highest, gen.number)
+            self.last_dirs = dirs
+            self.fallback = None  # a generation of the policy decides again
+            with self._lock:
+                self._accepted -= accepted
+            self._persist(gen, dirs, built_from)
+            self._mark_published(f"daemon generation {gen.number} hash {gen.hash}")
         return gen
 
     def _same_as_stored(self, gen: Generation, built_from: persist.Inputs) -> Generation:
@@ -163,8 +170,9 @@ class LastGood:
 
     # --- start without a policy (core thread) -----------------------------------------
 
-    def fall_back(self, errors: Sequence[str]) -> bool:
-        """The policy is invalid and no generation is active: publish the stored one."""
+    def fall_back(self, errors: Sequence[str], why: str | None = None) -> bool:
+        """The policy is invalid (or, WHY, the first build never finished) and no
+        generation is active: publish the stored one."""
         stored = self.stored
         if stored is None:
             return False
@@ -183,8 +191,9 @@ class LastGood:
             return False
         built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stored.created))
         other = "" if stored.release == self.paths.release else f", for {stored.release}"
+        why = why or f"policy invalid ({len(errors)} error(s))"
         text = (
-            f"policy invalid ({len(errors)} error(s)): enforcing the last good generation "
+            f"{why}: enforcing the last good generation "
             f"{stored.number} (built {built}{other}) from {self.paths.store_dir}; fix the "
             "policy, check it with `kmodctl validate`, then `kmodctl reload`"
         )
@@ -205,6 +214,16 @@ class LastGood:
         self.sink.emit(records.notice(text, Priority.ERR))
         self._mark_published("none: " + text)
         return EXIT_NO_ENFORCEMENT
+
+    def not_started(self, text: str, *, fall_back: bool) -> None:
+        """The first build never finished (stopped, gave up: kmodd.daemon.startup).  What
+        this boot published stays; else (FALL_BACK) the stored generation is published;
+        else `none: TEXT` tells kmodd-boot-wait to let udev go now, not after its 90 s."""
+        if self.boot_published is not None and not self.boot_published.startswith("none"):
+            return
+        if fall_back and self.fall_back([text], why=text):
+            return
+        self._mark_published("none: " + text)
 
     # --- kmodctl reload --accept-removed (core thread) --------------------------------
 

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import functools
 import grp
+import os
 import signal
 import socket
 import sys
@@ -34,6 +35,7 @@ from kmodd.daemon.metrics_writer import MetricsWriter
 from kmodd.daemon.notify import Notifier
 from kmodd.daemon.ports import Edges
 from kmodd.daemon.server import Kind, Server, activated_sockets, bind_unix, prepare_runtime_dir
+from kmodd.daemon.startup import START_CAP_S, StartLimits
 from kmodd.errors import KmoddError
 from kmodd.host.kconfig import static_usermodehelper
 from kmodd.host.modprobe_path import PROC_MODPROBE, ModprobePath
@@ -122,6 +124,14 @@ def make_parser() -> argparse.ArgumentParser:
         help=f"rewrite the metrics file every S seconds (default: {METRICS_INTERVAL_S:g})",
     )
     p.add_argument(
+        "--start-cap",
+        type=float,
+        default=START_CAP_S,
+        metavar="SECONDS",
+        help="give up (exit 75) when the first generation is not built in this time; until "
+        f"then systemd's start timeout is extended (default: {START_CAP_S:g})",
+    )
+    p.add_argument(
         "--log-stderr",
         action="store_true",
         help="log records to stderr even when journald is there",
@@ -170,6 +180,7 @@ def _modprobe_path(args: argparse.Namespace, paths: Paths, core: Core) -> None:
         core.notes.append(note)
         return
     try:
+        already = mp.read() == args.helper_path
         previous = mp.install()
     except KmoddError as err:
         core.notes.append(str(err))
@@ -178,7 +189,15 @@ def _modprobe_path(args: argparse.Namespace, paths: Paths, core: Core) -> None:
     core.edges.modprobe_path = mp
     if core.edges.last_good is not None:  # the boot step points it there too next boot
         core.edges.last_good.kernel_modprobe = args.helper_path
-    core.sink.emit(records.notice(f"kernel.modprobe -> {args.helper_path} (was {previous})"))
+    # At boot it is pointed before kmodd starts (kmodd-boot-publish on the fast path, the
+    # sysctl.d drop-in otherwise): say so, rather than "was /sbin/modprobe" from the memo.
+    text = (
+        f"kernel.modprobe already {args.helper_path} (set before kmodd started; uninstall "
+        f"restores {previous})"
+        if already
+        else f"kernel.modprobe -> {args.helper_path} (was {previous})"
+    )
+    core.sink.emit(records.notice(text))
 
 
 def _watcher(args: argparse.Namespace, paths: Paths, core: Core, cleanup: Cleanup) -> None:
@@ -275,13 +294,15 @@ def run(args: argparse.Namespace) -> int:
     # No relay thread: Notifier.send is non-blocking, a manager that stops reading costs a
     # counted drop (tests/daemon/test_lifecycle.py, a deaf NOTIFY_SOCKET), never a stall.
     notifier = Notifier()
+    limits = StartLimits(cap_s=args.start_cap)
+    notifier.extend_timeout(limits.extend_usec())  # the setup below: udev, BPF (TCG: seconds)
     attributor = _attributor(args, sink)
     last_good = LastGood(paths, options, sink)
     last_good.load()
     edges = Edges(
         notifier=notifier, reassert=args.reassert, attributor=attributor, last_good=last_good
     )
-    core = Core(paths, options, sink, edges)
+    core = Core(paths, options, sink, edges, limits)
     if args.metrics_file:
         core.housekeeper.metrics = MetricsWriter(
             Path(args.metrics_file), sink, max(1.0, args.metrics_interval)
@@ -300,11 +321,16 @@ def run(args: argparse.Namespace) -> int:
         _watcher(args, paths, core, cleanup)
         _udev(args, paths, core, cleanup)
         _kernel(args, core, cleanup)
-        return core.run(server)
+        code = core.run(server)
     finally:
         for step in reversed(cleanup):
             with contextlib.suppress(Exception):
                 step()
+    if core.builder_running:  # stopped mid-build: the gate is closed, do not wait for it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""sd_notify(3) for the daemon: READY / RELOADING / STATUS / WATCHDOG / STOPPING.
+"""sd_notify(3) for the daemon: READY / RELOADING / STATUS / WATCHDOG / STOPPING /
+EXTEND_TIMEOUT_USEC.
 
 A direct AF_UNIX datagram to $NOTIFY_SOCKET (stdlib only): systemd.daemon.notify() would do
 the same, but its `unset_environment` leaves os.environ stale and it cannot tell us why a
@@ -107,6 +108,13 @@ class Notifier:
 
     def status(self, text: str) -> bool:
         return self.send(f"STATUS={_one_line(text)}")
+
+    def extend_timeout(self, usec: int, status: str | None = None) -> bool:
+        """EXTEND_TIMEOUT_USEC= (systemd >= 236): the start (or stop) may take USEC more
+        from now; the next one must come before that (kmodd.daemon.startup)."""
+        if status is None:
+            return self.send(f"EXTEND_TIMEOUT_USEC={usec}")
+        return self.send(f"EXTEND_TIMEOUT_USEC={usec}", f"STATUS={_one_line(status)}")
 
     @property
     def watchdog_ping_interval_s(self) -> float | None:

@@ -292,8 +292,11 @@ def decide(request: Request, resolution: Resolution, policy: CompiledPolicy) -> 
         mode=policy.mode,
         rule=step.rule,
         reason=_reason(step),
-        modules=resolution.modules,
-        load_set=resolution.load_set,
+        # Each once, in first-seen order: a modalias two alias lines match resolves twice
+        # (`modprobe -R` of QEMU's bochs display prints bochs twice and -D its 6-module
+        # load set twice); modprobe loads each once, and records said ["bochs","bochs"].
+        modules=tuple(dict.fromkeys(resolution.modules)),
+        load_set=tuple(dict.fromkeys(resolution.load_set)),
         trace=tuple(trace),
         module=step.module,
         rule_info=step.info,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -34,6 +35,9 @@ from kmodd.cli.install import (
 from kmodd.cli.main import main
 from kmodd.host.modprobe_path import PREVIOUS_FILE, ModprobePath
 from kmodd.paths import HELPER_PATH as DEFAULT_HELPER_PATH
+from tests.conftest import root_required
+from tests.daemon.running import Daemon, make_root
+from tests.kerneltree import KernelTree
 
 REPO = Path(__file__).resolve().parents[2]
 BINDIR = Path(sys.executable).parent  # this venv: holds kmodd and kmodctl
@@ -350,3 +354,38 @@ def test_uninstall_removes_the_last_good_store(prefix: Path) -> None:
     assert not store.exists() and not store.parent.exists()
     assert not (prefix / "run/kmodd" / bootpublish.PUBLISHED_FILE).exists()
     assert (prefix / "var/lib").is_dir()  # not ours
+
+
+@root_required
+def test_uninstall_removes_what_the_daemon_made_in_run(kernel_tree: KernelTree) -> None:
+    """Issue 14: uninstall left /run/kmodd/kmod-mask/.  A real daemon run (generation,
+    snapshot, published marker, mask, sockets) over a root whose /run/kmodd is its
+    runtime dir; then uninstall leaves no /run/kmodd at all."""
+    sr = make_root(kernel_tree)
+    try:
+        sr = dataclasses.replace(sr, runtime=sr.root / "run/kmodd")
+        daemon = Daemon(sr, extra=["--no-watch"]).start()
+        runtime = sr.root / "run/kmodd"
+        (runtime / ".snapshot.4242.boot.tmp").write_bytes(b"torn")  # a crash mid-write
+        assert (runtime / "kmod-mask/00-kmodd.conf").exists()
+        assert {p.name for p in runtime.iterdir()} >= {"snapshot", "published", "kmod-mask"}
+        assert daemon.stop() == 0
+        steps = uninstall(sr.root)
+        assert not runtime.exists(), sorted(p.name for p in runtime.rglob("*"))
+        assert Step(StepAction.REMOVED, str(runtime / "kmod-mask")) in steps
+        assert not (sr.root / "run/modprobe.d/00-kmodd.conf").exists()
+    finally:
+        shutil.rmtree(sr.root.parent, ignore_errors=True)
+
+
+def test_uninstall_keeps_an_admins_runtime_policy(prefix: Path) -> None:
+    runtime = prefix / "run/kmodd"
+    (runtime / "policy.d").mkdir(parents=True)
+    (runtime / "policy.d/50-today.yaml").write_text("kmodd: 1\n")  # the admin's, volatile
+    (runtime / "kmod-mask").mkdir()
+    (runtime / "kmod-mask/00-kmodd.conf").write_bytes(b"")
+    (runtime / "snapshot").write_bytes(b"kmodd-snapshot\n")
+    (runtime / "stranger").write_text("not ours\n")
+    steps = uninstall(prefix)
+    assert sorted(p.name for p in runtime.iterdir()) == ["policy.d", "stranger"]
+    assert Step(StepAction.KEPT, str(runtime), "not empty: 2 entries") in steps

@@ -151,3 +151,55 @@ def test_an_allow_carries_no_enforcement_fields(rig: Rig) -> None:
     record = rig.kernel("net-pf-5")
     assert record.fields[Field.VERDICT] == "allow"
     assert Field.ENFORCED not in record.fields and Field.LAYERS not in record.fields
+
+
+# --- one record per device per generation (issue 14) ---------------------------------------
+
+BOCHS = UdevDevice(  # QEMU's display: two alias lines of bochs match its modalias
+    UdevAction.ADD,
+    "/devices/pci0000:00/0000:00:02.0",
+    "pci",
+    "pci:v00001234d00001111sv00001AF4sd00001100bc03sc00i00",
+)
+
+
+def device_records(rig: Rig, devpath: str) -> list[str]:
+    assert rig.core.sink.flush()
+    return [
+        str(r.fields[Field.UDEV_ACTION]) for r in rig.sent if r.fields.get(Field.DEVPATH) == devpath
+    ]
+
+
+def test_coldplug_then_udevs_replay_records_a_device_once(rig: Rig) -> None:
+    coldplug = UdevDevice(UdevAction.COLDPLUG, SERIO.devpath, SERIO.subsystem, SERIO.modalias)
+    rig.core._udev(coldplug)  # kmodd's own scan at start
+    rig.core._udev(SERIO)  # `udevadm trigger` at boot: the same device again
+    rig.core._udev(SERIO)
+    assert device_records(rig, SERIO.devpath) == ["coldplug"]
+    removed = UdevDevice(UdevAction.REMOVE, SERIO.devpath, "", "")
+    rig.core._udev(removed)
+    rig.core._udev(SERIO)  # replugged: decided again
+    assert device_records(rig, SERIO.devpath) == ["coldplug", "add"]
+    rig.core._build_now(ReloadCause.CONTROL)  # a new generation may decide it again
+    rig.core._udev(SERIO)
+    assert device_records(rig, SERIO.devpath) == ["coldplug", "add", "add"]
+    numbers = [r.fields[Field.GENERATION] for r in rig.sent if r.fields.get(Field.DEVPATH)]
+    assert numbers[-1] != numbers[-2]
+
+
+def test_an_allowed_coldplug_device_is_recorded_by_the_replay(rig: Rig) -> None:
+    """Coldplug records only denies, so the replay's add is a device's one allow record."""
+    coldplug = UdevDevice(UdevAction.COLDPLUG, BOCHS.devpath, BOCHS.subsystem, BOCHS.modalias)
+    rig.core._udev(coldplug)
+    rig.core._udev(BOCHS)
+    rig.core._udev(BOCHS)
+    assert device_records(rig, BOCHS.devpath) == ["add"]
+
+
+def test_a_load_set_names_each_module_once(rig: Rig) -> None:
+    record = rig.udev(BOCHS)
+    assert record.fields[Field.VERDICT] == "allow"
+    modules = str(record.fields[Field.MODULES]).split()
+    assert modules[-1] == "bochs" and len(modules) == len(set(modules)), modules
+    assert rig.core.generation is not None  # resolution itself stays kmod's, twice
+    assert rig.core.generation.kmod.resolve(BOCHS.modalias).modules == ("bochs", "bochs")

@@ -289,8 +289,15 @@ def test_boot_step_points_kernel_modprobe_where_the_daemon_did(sr: SystemRoot) -
     assert f"kernel.modprobe -> {helper_path} (was /sbin/modprobe)" in out.stdout
     assert sysctl.read_text() == f"{helper_path}\n"
     # The daemon started after it finds it done and keeps the admin's value for uninstall.
-    daemon = Daemon(sr, extra=extra).start()
+    daemon = Daemon(sr, extra=extra)
+    mark = len(daemon.log.read_text())
+    daemon.start()
     km = daemon.wait_status(lambda d: d["kernel_modprobe"]["managed"])["kernel_modprobe"]
     assert km["points_at_helper"] is True
     assert (sr.runtime / "modprobe_path.previous").read_text() == "/sbin/modprobe\n"
     assert daemon.stop() == 0
+    # ...and says so: not "-> helper (was /sbin/modprobe)", which every boot logged.
+    log = daemon.log.read_text()[mark:]
+    already = f"kernel.modprobe already {helper_path} (set before kmodd started; uninstall "
+    assert already + "restores /sbin/modprobe)" in log
+    assert "(was /sbin/modprobe)" not in log

@@ -175,5 +175,5 @@ def test_shared_dependencies_are_considered_once(tmp_path: Path) -> None:
     r = res("pci:x", ("b", "c"), ("a", "b", "a", "c"))
     d = decide(Request("pci:x", Source.UDEV), r, p)
     assert [t.module for t in d.trace] == ["a", "b", "c"]
-    assert d.load_set == ("a", "b", "a", "c")  # as modprobe -D prints it
+    assert d.load_set == ("a", "b", "c")  # modprobe -D prints a, b, a, c: each loads once
     assert (d.verdict, d.module) == (Verdict.DENY, "b")

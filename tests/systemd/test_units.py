@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 from kmodd.cli.install import UNITS, render
+from kmodd.daemon.lastgood import EXIT_NO_ENFORCEMENT
+from kmodd.daemon.startup import COMMIT_WAIT_S, EXIT_START_GAVE_UP, EXTEND_BY_S, EXTEND_EVERY_S
 from kmodd.paths import HELPER_PATH as DEFAULT_HELPER_PATH
 from tests.conftest import root_required
 
@@ -166,7 +168,7 @@ def test_boot_ordering_keeps_kmodd_off_the_critical_chain(tmp_path: Path) -> Non
     wait = units["kmodd-boot-wait.service"]
     assert "kmodd.service" not in unit_values(wait, "Unit", "After")
     assert unit_values(wait, "Unit", "ConditionPathExists") == ["!/run/kmodd/published"]
-    assert unit_values(service, "Service", "RestartPreventExitStatus") == ["78"]
+    assert unit_values(service, "Service", "RestartPreventExitStatus") == ["75", "78"]
     assert unit_values(service, "Install", "Also") == [
         "kmodd-boot-publish.service",
         "kmodd-boot-wait.service",
@@ -197,3 +199,31 @@ def test_boot_units_are_hardened(tmp_path: Path) -> None:
             check=False,
         )
         assert result.returncode == 0, result.stdout[-400:]
+
+
+def _seconds(value: str) -> float:
+    units = {"min": 60.0, "s": 1.0, "ms": 0.001}
+    for suffix, scale in units.items():
+        if value.endswith(suffix) and value[: -len(suffix)].isdigit():
+            return float(value[: -len(suffix)]) * scale
+    raise AssertionError(f"not a time span this test reads: {value!r}")
+
+
+def test_a_failing_start_stops_retrying(tmp_path: Path) -> None:
+    """Issue 14: a start slower than TimeoutStartSec= was killed and restarted forever.
+    Now a slow build extends its timeout (tests/daemon/test_startup.py), the exits that a
+    restart cannot mend are not restarted, and whatever else fails is retried at most
+    StartLimitBurst= times: also starts that each run into TimeoutStartSec= fit the window
+    (systemd's start limit counts in a fixed window from its first start)."""
+    service = rendered_units(tmp_path)[0]
+    burst = int(unit_values(service, "Unit", "StartLimitBurst")[0])
+    window = _seconds(unit_values(service, "Unit", "StartLimitIntervalSec")[0])
+    start = _seconds(unit_values(service, "Service", "TimeoutStartSec")[0])
+    pause = _seconds(unit_values(service, "Service", "RestartSec")[0])
+    assert 2 <= burst <= 10
+    assert burst * (start + pause) < window  # the (burst+1)th timed-out start is refused
+    prevent = unit_values(service, "Service", "RestartPreventExitStatus")
+    assert {str(EXIT_START_GAVE_UP), str(EXIT_NO_ENFORCEMENT)} == set(prevent)
+    stop = _seconds(unit_values(service, "Service", "TimeoutStopSec")[0])
+    assert COMMIT_WAIT_S < stop <= 30  # a publish under way may end; never 90 s of waiting
+    assert EXTEND_EVERY_S * 2 < EXTEND_BY_S  # one late send is not a timeout
