@@ -37,9 +37,7 @@ FIELDS = (  # what is read back (journalctl --output-fields)
     Field.REQUESTER_UID,
     Field.REQUESTER_EUID,
     Field.REQUESTER_GID,
-    Field.REQUESTER_GROUPS,
     Field.REQUESTER_COMM,
-    Field.REQUESTER_UNIT,
     Field.REQUESTER_CONTAINER,
 )
 _SOURCES = frozenset(s.value for s in Source)
