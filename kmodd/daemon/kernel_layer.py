@@ -147,9 +147,7 @@ class KernelEdge:
 
     def records(self, batch: KernelEvents, gen: Generation | None) -> list[Record]:
         """A journal record for every ring-buffer event, with the requester the kernel
-        took.  A request of a name the kernel decides is a decision record (decided_by
-        kernel); one it passed to the helper unjudged is a debug notice (the helper's
-        decision is journaled by the daemon, requester unknown)."""
+        took: a decision record (decided_by kernel) or a debug notice (_is_decision)."""
         out = []
         for event in batch.events:
             if event.kind is not Kind.REQUEST:
@@ -157,13 +155,21 @@ class KernelEdge:
                     out.append(self._load_record(event))
             elif gen is None:
                 continue
-            elif event.action is not Action.PASSED or self.decided_in_kernel(
-                event.name, gen.number
-            ):
+            elif self._is_decision(event, gen):
                 out.append(self._request_record(event, gen))
             else:
                 out.append(_passed_record(event))
         return out
+
+    def _is_decision(self, event: KernelEvent, gen: Generation) -> bool:
+        """The event is the request's decision record: refused in-kernel (no helper
+        runs), or the kernel's verdict stands for its requester (core.decide_line answers
+        the helper `allow kernel` and journals nothing).  Otherwise the helper's request
+        is journaled by the daemon's decision and the event is a debug notice."""
+        if event.action is Action.DENIED:
+            return True
+        uses = gen.compiled.uses_requester
+        return uses and self.decided_in_kernel(event.name, gen.number)
 
     def _request_record(self, event: KernelEvent, gen: Generation) -> Record:
         rec = records.decision(gen.decide(event.name, Source.KERNEL, facts_of(event)), gen.number)

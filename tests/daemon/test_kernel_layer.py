@@ -87,6 +87,7 @@ def test_a_request_denied_in_kernel_is_journaled_with_the_exact_requester(
 
 def test_every_request_event_is_journaled_with_the_exact_requester(gen: Generation) -> None:
     edge = KernelEdge(Support(True, "test"))
+    edge._layer = object()  # type: ignore[assignment]  # attached
     edge._domain = (gen.number, frozenset({"net_pf_5"}))  # as apply() leaves it
     root = event(Kind.REQUEST, Action.ALLOWED, "net-pf-5", uid=0, euid=0, gid=0)
     userns = event(Kind.REQUEST, Action.DENIED, "net-pf-5", userns_inum=4026532000)
@@ -111,6 +112,29 @@ def test_every_request_event_is_journaled_with_the_exact_requester(gen: Generati
         "3",
     )
     assert (notice.fields[Field.REQUESTER_TID], notice.fields[Field.OBJECT_PID]) == ("41", "40")
+
+
+def test_without_requester_rules_the_helpers_record_is_the_decision(
+    kernel_tree: KernelTree,
+) -> None:
+    sr = make_root(kernel_tree)
+    sr.write_policy(BASE_POLICY, "10-test.yaml")
+    paths = make_paths(str(sr.root), sr.release, str(sr.runtime))
+    paths.runtime_dir.mkdir(exist_ok=True)
+    g = build_generation(1, paths, BuildOptions(cmdline=sr.cmdline))
+    try:
+        edge = KernelEdge(Support(True, "test"))
+        edge._layer = object()  # type: ignore[assignment]
+        edge._domain = (g.number, frozenset({"net_pf_5", "algif_aead"}))
+        passed = event(Kind.REQUEST, Action.PASSED, "net-pf-5")  # the helper decides
+        denied = event(Kind.REQUEST, Action.DENIED, "algif-aead")  # no helper runs
+        notice, deny = edge.records(KernelEvents((passed, denied)), g)
+        assert (notice.message_id, notice.priority) == (MessageId.NOTICE, Priority.DEBUG)
+        assert deny.message_id is MessageId.DENY
+        assert deny.fields[Field.DECIDED_BY] == "kernel"
+    finally:
+        g.close()
+        shutil.rmtree(sr.root.parent, ignore_errors=True)
 
 
 def test_only_the_applied_generations_domain_is_decided_in_kernel(gen: Generation) -> None:
