@@ -11,18 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kmodd import helper
+from kmodd.bpf.detect import detect
 from kmodd.cli.common import paths_from_args, print_json, wants_json
 from kmodd.cli.enforcement import DecisionEnforcement, decision_json, explain_lines, of_decision
 from kmodd.cli.validate import load_for
 from kmodd.errors import KmoddError
 from kmodd.host.cmdline import read_mode_override
-from kmodd.host.tracefs import probe
 from kmodd.kmod.context import KmodContext
 from kmodd.kmod.model import ConfigLine, LoadStep, ModuleInfo
 from kmodd.kmod.provenance import Provenance
 from kmodd.paths import Paths, base_note
 from kmodd.policy.engine import Decision, Request, compile_policy, decide
-from kmodd.policy.model import PolicySet
+from kmodd.policy.model import PolicySet, RequesterMatch
 from kmodd.policy.types import Mode, Source, Verdict
 
 
@@ -125,29 +125,52 @@ def to_json(ex: Explanation) -> dict[str, object]:
             "files": [f.path for f in ex.policy.files],
             "mode_from": ex.mode_from,
         },
-        "attribution": attribution(ex.policy),
+        "requester": requester(ex.policy),
         "enforcement": decision_json(ex.enforcement),
     }
 
 
-def attribution(policy: PolicySet) -> dict[str, object]:
-    """What requester attribution this kernel offers, and the rules that depend on it
-    (explain decides without a requester: those rules never match here)."""
-    rules = [r.rule.id for r in policy.rules if r.rule.match.requester is not None]
-    return {**probe().as_dict(), "requester_rules": rules}
+def requester(policy: PolicySet) -> dict[str, object]:
+    """The rules that test the requester, where each is decided and what decides them
+    when the requester is unknown (explain has none: `unknown_requester` decides here)."""
+    rules = [r.rule for r in policy.rules if r.rule.match.requester is not None]
+    layer1 = [r.id for r in rules if not _in_kernel(r.match.requester)]
+    support = detect()
+    return {
+        "rules": [r.id for r in rules],
+        "unknown_requester": str(policy.unknown_requester),
+        "unknown_requester_from": policy.unknown_requester_from,
+        "in_kernel": bool(rules) and not layer1,
+        "layer1_only": layer1,
+        "kernel_layer": {"active": support.active, "reason": support.reason},
+    }
 
 
-def _attribution_lines(ex: Explanation) -> list[str]:
-    found = attribution(ex.policy)
-    where = found["tracefs"] or "no tracefs"
-    state = "available" if found["event"] else f"unavailable: {found['reason']}"
-    lines = [f"  attribution on this kernel: {state} ({where}, lockdown {found['lockdown']})"]
-    rules = found["requester_rules"]
-    if isinstance(rules, list) and rules:
+def _in_kernel(match: RequesterMatch | None) -> bool:
+    return match is None or (match.gid is None and match.unit is None and match.container is None)
+
+
+def _requester_lines(ex: Explanation) -> list[str]:
+    found = requester(ex.policy)
+    rules = found["rules"]
+    if not isinstance(rules, list) or not rules:
+        return []
+    layer = found["kernel_layer"]
+    assert isinstance(layer, dict)
+    state = "active" if layer["active"] else f"inactive: {layer['reason']}"
+    where = found["unknown_requester_from"] or "the default"
+    lines = [f"  requester rules: {', '.join(rules)}"]
+    if found["in_kernel"]:
+        lines.append(f"    decided in-kernel for the exact requester (kernel layer here: {state})")
+    else:
         lines.append(
-            f"  requester rules ({', '.join(rules)}) do not match here: explain has no"
-            " requester; `kmodctl simulate` replays recorded ones"
+            f"    not decidable in-kernel: {found['layer1_only']}"
+            " test gid, unit or container (layer 1 only)"
         )
+    lines.append(
+        f"    requester unknown (no kernel layer; explain has none): "
+        f"unknown_requester {found['unknown_requester']} (from {where})"
+    )
     return lines
 
 
@@ -189,7 +212,7 @@ def render_text(ex: Explanation) -> str:
         out.extend(f"    {p.location()}  {p.text}" for p in ex.provenance)
     files = len(ex.policy.files)
     out.append(f"  policy: {files} file(s), generation {ex.policy.hash[:12] or '-'}")
-    out.extend(_attribution_lines(ex))
+    out.extend(_requester_lines(ex))
     return "\n".join(out)
 
 

@@ -155,18 +155,6 @@ def _modprobe_line(doc: StatusDocument) -> str:
     return f"kernel.modprobe: {km['current']!r}, NOT the kmodd helper {km.get('expected')}"
 
 
-def _attribution_line(doc: StatusDocument) -> str:
-    at = doc.get("attribution")
-    if at is None:
-        return "attribution: off (not the live system, or --no-attribution)"
-    if not at["available"]:
-        return f"attribution: UNAVAILABLE, requesters unknown ({at['reason']})"
-    return (
-        f"attribution: {at['matched']} request(s) attributed, {at['unmatched']} unknown,"
-        f" {at['gone']} gone ({at['events']} event(s); worst wait {at['wait_ms_max']} ms)"
-    )
-
-
 def _last_good_lines(doc: StatusDocument) -> list[str]:
     lg = doc.get("last_good")
     if lg is None:
@@ -251,7 +239,6 @@ def render_status(doc: StatusDocument) -> str:
         f"  by rule:   {_counts(d['rules'])}",
         f"  by source: {_counts(d['sources'])}",
         f"journal:     {doc['journal']['dropped']} record(s) dropped",
-        _attribution_line(doc),
         _modprobe_line(doc),
         *_edges_lines(doc),
         f"enforcement: {doc['enforcement_file']}",

@@ -37,9 +37,7 @@ FIELDS = (  # what is read back (journalctl --output-fields)
     Field.REQUESTER_UID,
     Field.REQUESTER_EUID,
     Field.REQUESTER_GID,
-    Field.REQUESTER_GROUPS,
     Field.REQUESTER_COMM,
-    Field.REQUESTER_UNIT,
     Field.REQUESTER_CONTAINER,
 )
 # Trusted fields the recording journald stamped; systemd-journal-remote keeps them as the

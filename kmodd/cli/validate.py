@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 "hash": policy.hash,
                 "mode": str(policy.mode),
                 "default": str(policy.default),
+                "unknown_requester": str(policy.unknown_requester),
                 "files": [f.path for f in policy.files],
                 "masked": list(policy.masked),
                 "rules": len(policy.rules),
@@ -116,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"masked  {path}")
     print(
         f"{len(policy.files)} file(s), {len(policy.rules)} rule(s); mode {policy.mode},"
-        f" default {policy.default}; generation {policy.hash[:12]}"
+        f" default {policy.default}, unknown_requester {policy.unknown_requester};"
+        f" generation {policy.hash[:12]}"
     )
     if warned:
         print(f"{len(warned)} rule(s) not fully enforced (warnings above)")

@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
 from kmodd import helper
-from kmodd.policy.requester import GROUPS_MAX, RequesterFacts
+from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.types import Outcome, Source
 
 IDENTIFIER = "kmodd"  # SYSLOG_IDENTIFIER of every daemon record
 HELPER_IDENTIFIER = helper.SYSLOG_IDENT  # the helper's syslog lines (no MESSAGE_ID: docs)
 REQUESTER_TEXT_MAX = 200  # KMODD_REQUESTER=unknown: WHY
-CGROUP_MAX = 512
 
 
 class Priority(IntEnum):
@@ -78,6 +77,9 @@ DECISIONS = (MessageId.ALLOW, MessageId.DENY, MessageId.WOULD_DENY, MessageId.AL
 RELOADS = (MessageId.RELOAD_OK, MessageId.RELOAD_FAILED)
 ALL_SOURCES = frozenset(Source)
 KERNEL = frozenset({Source.KERNEL})
+# The requester's fields: on kernel decisions, and on the debug notice of a kernel request
+# the BPF program passed to the helper unjudged (daemon/kernel_layer.py).
+ASKED = (*DECISIONS, MessageId.NOTICE)
 
 
 class Field(StrEnum):
@@ -138,23 +140,61 @@ class Field(StrEnum):
         frozenset({Source.UDEV}),
         True,
     )
-    # --- who asked (kernel requests; docs/attribution.md)
-    OBJECT_PID = (
-        "OBJECT_PID",
-        "the requesting task (journald adds OBJECT_*)",
+    # --- who asked (kernel requests: the kernel layer's ring buffer; docs/attribution.md)
+    DECIDED_BY = (
+        "KMODD_DECIDED_BY",
+        "kernel (the BPF LSM decided for the exact requester) or daemon",
         DECISIONS,
         KERNEL,
         True,
     )
-    REQUESTER_UID = "KMODD_REQUESTER_UID", "its real uid", DECISIONS, KERNEL, True
-    REQUESTER_EUID = "KMODD_REQUESTER_EUID", "its effective uid", DECISIONS, KERNEL, True
-    REQUESTER_GID = "KMODD_REQUESTER_GID", "its real gid", DECISIONS, KERNEL, True
-    REQUESTER_GROUPS = "KMODD_REQUESTER_GROUPS", "its groups", DECISIONS, KERNEL, True
-    REQUESTER_COMM = "KMODD_REQUESTER_COMM", "its comm", DECISIONS, KERNEL, True
-    REQUESTER_EXE = "KMODD_REQUESTER_EXE", "its executable", DECISIONS, KERNEL, True
-    REQUESTER_UNIT = "KMODD_REQUESTER_UNIT", "its systemd unit", DECISIONS, KERNEL, True
-    REQUESTER_CGROUP = "KMODD_REQUESTER_CGROUP", "its cgroup v2 path", DECISIONS, KERNEL, True
-    REQUESTER_CONTAINER = "KMODD_REQUESTER_CONTAINER", "yes or no", DECISIONS, KERNEL, True
+    OBJECT_PID = (
+        "OBJECT_PID",
+        "the requesting process (tgid; journald adds OBJECT_*)",
+        ASKED,
+        KERNEL,
+        True,
+    )
+    REQUESTER_TID = "KMODD_REQUESTER_TID", "the requesting thread", ASKED, KERNEL, True
+    REQUESTER_UID = "KMODD_REQUESTER_UID", "its real uid", ASKED, KERNEL, True
+    REQUESTER_EUID = "KMODD_REQUESTER_EUID", "its effective uid", ASKED, KERNEL, True
+    REQUESTER_GID = "KMODD_REQUESTER_GID", "its real gid", ASKED, KERNEL, True
+    REQUESTER_LOGINUID = (
+        "KMODD_REQUESTER_LOGINUID",
+        "its audit login uid, or unset",
+        ASKED,
+        KERNEL,
+        True,
+    )
+    REQUESTER_SESSIONID = (
+        "KMODD_REQUESTER_SESSIONID",
+        "its audit session id, or unset",
+        ASKED,
+        KERNEL,
+        True,
+    )
+    REQUESTER_COMM = "KMODD_REQUESTER_COMM", "its comm", ASKED, KERNEL, True
+    REQUESTER_CGROUP_ID = (
+        "KMODD_REQUESTER_CGROUP_ID",
+        "its cgroup v2 id (the cgroup directory's inode)",
+        ASKED,
+        KERNEL,
+        True,
+    )
+    REQUESTER_USERNS = (
+        "KMODD_REQUESTER_USERNS",
+        "its user namespace inum (4026531837: the initial one)",
+        ASKED,
+        KERNEL,
+        True,
+    )
+    REQUESTER_CONTAINER = (
+        "KMODD_REQUESTER_CONTAINER",
+        "yes: a non-initial user namespace; no",
+        ASKED,
+        KERNEL,
+        True,
+    )
     REQUESTER = "KMODD_REQUESTER", "unknown: WHY (requester unknown)", DECISIONS, KERNEL, True
     # --- other records
     POLICY_HASH = "KMODD_POLICY_HASH", "the generation's content hash", (MessageId.RELOAD_OK,)
@@ -188,25 +228,43 @@ class Record:
     fields: Mapping[str, str] = field(default_factory=dict)  # Field -> value
 
 
-def requester_fields(
-    facts: RequesterFacts, *, pid: int, comm: str, exe: str | None, cgroup: str | None
-) -> Fields:
+AUDIT_UNSET = 0xFFFFFFFF  # loginuid/sessionid of a task never logged in
+
+
+@dataclass(frozen=True, slots=True)
+class KernelRequester:
+    """The requester as the kernel layer took it in-kernel (kmodd.bpf.layout.KernelEvent)."""
+
+    facts: RequesterFacts
+    tgid: int
+    tid: int
+    comm: str
+    loginuid: int | None  # None: unset (never logged in)
+    sessionid: int | None
+    cgroup_id: int
+    userns: int
+
+
+def _audit(value: int | None) -> str:
+    return "unset" if value is None or value == AUDIT_UNSET else str(value)
+
+
+def requester_fields(who: KernelRequester) -> Fields:
     """OBJECT_PID and the KMODD_REQUESTER_* fields of a decision with a known requester."""
-    out: Fields = {
-        Field.OBJECT_PID: str(pid),
+    facts = who.facts
+    return {
+        Field.OBJECT_PID: str(who.tgid),
+        Field.REQUESTER_TID: str(who.tid),
         Field.REQUESTER_UID: str(facts.uid),
         Field.REQUESTER_EUID: str(facts.euid),
         Field.REQUESTER_GID: str(facts.gid),
-        Field.REQUESTER_GROUPS: " ".join(str(g) for g in facts.groups[:GROUPS_MAX]),
-        Field.REQUESTER_COMM: comm,
-        Field.REQUESTER_UNIT: facts.unit or "",
+        Field.REQUESTER_LOGINUID: _audit(who.loginuid),
+        Field.REQUESTER_SESSIONID: _audit(who.sessionid),
+        Field.REQUESTER_COMM: who.comm,
+        Field.REQUESTER_CGROUP_ID: str(who.cgroup_id),
+        Field.REQUESTER_USERNS: str(who.userns),
         Field.REQUESTER_CONTAINER: "yes" if facts.container else "no",
     }
-    if exe is not None:
-        out[Field.REQUESTER_EXE] = exe
-    if cgroup is not None:
-        out[Field.REQUESTER_CGROUP] = cgroup[:CGROUP_MAX]
-    return out
 
 
 def requester_unknown(why: str) -> Fields:
@@ -216,15 +274,12 @@ def requester_unknown(why: str) -> Fields:
 
 def requester_facts(record: Mapping[str, object]) -> RequesterFacts | None:
     """Facts from a journal record's fields; None when the requester was unknown (or the
-    record predates attribution, or its fields are not numbers)."""
+    record has no requester, or its fields are not numbers)."""
     try:
         uid = int(str(record[Field.REQUESTER_UID]))
         euid = int(str(record.get(Field.REQUESTER_EUID, uid)))
         gid = int(str(record.get(Field.REQUESTER_GID, -1)))
-        raw_groups = str(record.get(Field.REQUESTER_GROUPS, "")).split()[:GROUPS_MAX]
-        groups = tuple(int(g) for g in raw_groups)
     except (KeyError, ValueError):
         return None
-    unit = str(record.get(Field.REQUESTER_UNIT) or "") or None
     container = str(record.get(Field.REQUESTER_CONTAINER, "no")) == "yes"
-    return RequesterFacts(uid, euid, gid, groups, unit, container)
+    return RequesterFacts(uid, euid, gid, container=container)

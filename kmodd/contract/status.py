@@ -85,22 +85,6 @@ class LoadedDenied(TypedDict):
     reason: str
 
 
-class AttributionInfo(TypedDict):
-    tracefs: str | None
-    event: bool
-    instance: bool
-    lockdown: str | None
-    reason: str | None
-    available: bool
-    events: int
-    matched: int
-    unmatched: int
-    gone: int
-    wait_ms_max: float
-    read_ms_max: float
-    margin_ms_min: float | None
-
-
 class LayerState(TypedDict):
     active: bool
     reason: str  # why (not) active, one human sentence
@@ -196,7 +180,6 @@ class StatusDocument(TypedDict):
     devices_denied: list[DeviceDenied]
     loaded_denied: list[LoadedDenied]
     notes: list[str]
-    attribution: AttributionInfo | None
     layers: Layers
     coverage: list[RuleCoverageInfo]  # one per deny rule of the active generation
     initramfs: InitramfsInfo | None  # None: no active generation

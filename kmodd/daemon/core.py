@@ -1,19 +1,18 @@
 """The core: one thread owns all daemon state and serves both sockets.
 
-Other threads (watcher, udev, signal handlers, the attribution reader, the generation
+Other threads (watcher, udev, signal handlers, the kernel layer's reader, the generation
 builder) only `post` events; a SimpleQueue (re-entrant, so signal handlers may post) plus
 an eventfd wakes the selectors loop.  Why decisions run on this thread rather than under
 a lock: libkmod contexts are not thread-safe, a warm decision is a dict hit (~10 us), and
 one loop gives a total order between a reload's swap and the decisions around it.
 Building a new generation (load + compile + render, ~1 s) is the only slow step, so it
 runs on a builder thread with its own libkmod context and the result is swapped in here.
-Nothing on this thread waits: a kernel request whose requester event has not arrived is
-parked (its connection stays open) and answered when the event comes or its
-LOOKUP_TIMEOUT_S passes.
+Nothing on this thread waits: every decide.sock request is answered at once (who asked
+is known only in-kernel, by the kernel layer; see decide_line).
 
-What the core holds: the loop, the reload state machine, the udev device table and the
-parked decisions.  Decisions: daemon/decider.py; housekeeping: daemon/housekeeping.py;
-control methods: daemon/control.py (with a read-only view, daemon/view.py).
+What the core holds: the loop, the reload state machine and the udev device table.
+Decisions: daemon/decider.py; housekeeping: daemon/housekeeping.py; control methods:
+daemon/control.py (with a read-only view, daemon/view.py).
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kmodd import helper, wire
-from kmodd.contract.journal import Fields, Priority
+from kmodd.contract.journal import Priority
 from kmodd.daemon import control, records
-from kmodd.daemon.attribution import LOOKUP_TIMEOUT_S
 from kmodd.daemon.decider import Decider
 from kmodd.daemon.events import (
     Event,
@@ -39,7 +37,6 @@ from kmodd.daemon.events import (
     ReloadCause,
     ReloadRequested,
     Stop,
-    Traced,
     UdevAction,
     UdevDevice,
     UdevLost,
@@ -58,14 +55,13 @@ from kmodd.daemon.startup import (
 )
 from kmodd.daemon.treeindex import TreeIndex
 from kmodd.daemon.view import CoreView, ReloadResult
-from kmodd.host.proc import Requester
-from kmodd.host.tracefs import Availability
 from kmodd.paths import Paths
 from kmodd.policy.engine import Decision
 from kmodd.policy.types import Outcome, Source
 
 DEVICES_MAX = 8192  # devices remembered for status (a server has a few hundred)
 TICK_S = 5.0  # tamper check and STATUS= refresh; the watchdog may ask for a shorter one
+KERNEL_PASSED = b"allow kernel\n"  # the kernel layer allowed this requester (decide_line)
 Reply = Callable[[str | None], None]
 Respond = Callable[[bytes], None]
 
@@ -77,16 +73,6 @@ class _Built:
     generation: Generation | None
     errors: tuple[str, ...]
     duration_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Parked:
-    """A kernel request waiting for its module_request event (see the module docstring)."""
-
-    name: bytes
-    respond: Respond
-    asked_at: float
-    deadline: float
 
 
 class Core:
@@ -116,14 +102,11 @@ class Core:
         self._waiting: list[Reply | None] = []  # replies owed by the running build
         self._next: list[Reply | None] = []  # requests that arrived during the build
         self._next_cause: tuple[ReloadCause, str] | None = None
-        self._parked: list[_Parked] = []  # at most the decide socket's connection slots
         self._server: Server | None = None
         self._closed = False
         self.limits = StartLimits() if limits is None else limits
         self.gate = CommitGate()  # closed when stopping: no half-published generation
         self._builder: threading.Thread | None = None
-        if edges.attributor is not None:
-            edges.attributor.subscribe(lambda: self.post(Traced()))
 
     @property
     def generation(self) -> Generation | None:
@@ -159,17 +142,11 @@ class Core:
                     self.generation, self._building, self.status_line(), self.view
                 )
                 next_tick = now + self._tick_interval()
-            self._expire_parked(now)
-            deadlines = [next_tick, server.next_deadline(), self._parked_deadline()]
+            deadlines = [next_tick, server.next_deadline()]
             server.poll(max(0.0, min(d for d in deadlines if d is not None) - now))
         self.edges.notifier.stopping(f"stopping: {self._stopping}")
         self.sink.emit(records.lifecycle(False, f"kmodd {os.getpid()} stopping: {self._stopping}"))
         return 0
-
-    @property
-    def parked(self) -> int:
-        """Kernel requests waiting for their requester's event right now."""
-        return len(self._parked)
 
     @property
     def server_overflows(self) -> int:
@@ -220,8 +197,6 @@ class Core:
                 )
                 if self.edges.recoldplug is not None:
                     self.edges.recoldplug()
-            case Traced():
-                self._answer_parked()
             case Stop(reason=reason):
                 self._stopping = reason
             case KernelEvents():
@@ -398,70 +373,31 @@ class Core:
     # --- kernel requests (decide.sock) ---------------------------------------------
 
     def decide_line(self, name: bytes, peer: Peer, respond: Respond) -> bytes | None:
-        """decide.sock: `allow RULE` / `deny RULE` / `error MESSAGE` (docs/protocol.md), or
-        None when the answer comes later through RESPOND (parked for its requester)."""
+        """decide.sock: `allow RULE` / `deny RULE` / `error MESSAGE` (docs/protocol.md),
+        always at once: the core never waits for who asked.
+
+        The daemon does not know the requester of a helper request.  When the kernel
+        layer decided NAME for its exact requester (policy with requester rules, NAME in
+        the tables' domain), the helper runs only because the kernel let the request
+        through: the kernel's verdict stands, `allow kernel` (its ring-buffer event is
+        journaled as the decision, decided_by kernel).  Otherwise the policy decides
+        with the requester unknown: a requester rule decides by `unknown_requester`."""
         if not helper.valid_name(name):
             self.decider.stats.invalid_names += 1
             self.sink.emit(
                 records.notice(f"denied invalid request name {name[:120]!r}", Priority.WARNING)
             )
             return b"deny invalid-name\n"
-        at = self.edges.attributor
-        if at is None or self.generation is None:
-            return self.decider.kernel(name, None, {})
-        found = at.availability()
-        if not found.available:
-            return self.decider.kernel(name, None, records.unknown_requester(found))
-        if not at.kernel_spawned(peer.pid):
-            why = "the helper was not run by the kernel"
-            return self.decider.kernel(name, None, records.unknown_requester(found, why))
-        now = self.edges.clock()
-        matched, who = at.take(name.decode("ascii"), now)
-        if matched or not at.running:
-            return self._with_requester(name, who)
-        self._parked.append(_Parked(name, respond, now, now + LOOKUP_TIMEOUT_S))
-        return None
-
-    def _with_requester(self, name: bytes, who: Requester | None) -> bytes:
-        extra: Fields = (
-            records.requester(who)
-            if who is not None
-            else records.unknown_requester(self._availability(), "no module_request event matched")
-        )
-        return self.decider.kernel(name, who, extra)
-
-    def _availability(self) -> Availability:
-        at = self.edges.attributor
-        assert at is not None
-        return at.availability()
-
-    def _answer_parked(self) -> None:
-        """Events arrived: answer every parked request whose event is among them."""
-        at = self.edges.attributor
-        if at is None or not self._parked:
-            return
-        still = []
-        for p in self._parked:
-            matched, who = at.take(p.name.decode("ascii"), p.asked_at)
-            if matched:
-                p.respond(self._with_requester(p.name, who))
-            else:
-                still.append(p)
-        self._parked = still
-
-    def _expire_parked(self, now: float) -> None:
-        if not self._parked or self._parked[0].deadline > now:
-            return
-        at = self.edges.attributor
-        due = [p for p in self._parked if p.deadline <= now]
-        self._parked = [p for p in self._parked if p.deadline > now]
-        for p in due:
-            if at is not None:
-                at.missed(p.asked_at)
-            p.respond(self._with_requester(p.name, None))
-
-    def _parked_deadline(self) -> float | None:
-        return self._parked[0].deadline if self._parked else None  # parked in order
+        gen, kernel = self.generation, self.edges.kernel
+        text = name.decode("ascii")
+        if gen is None or not gen.compiled.uses_requester:
+            return self.decider.kernel(name, {})
+        if kernel is None:
+            return self.decider.kernel(name, records.unknown_requester("no kernel layer"))
+        if kernel.decided_in_kernel(text, gen.number):
+            self.decider.kernel_passed += 1
+            return KERNEL_PASSED
+        return self.decider.kernel(name, records.unknown_requester(kernel.unknown_why(text)))
 
     # --- udev ---------------------------------------------------------------------
 
@@ -515,7 +451,6 @@ class Core:
             static_usermodehelper=edges.static_usermodehelper,
             devices=tuple(self.devices.values()),
             notes=tuple(self.notes),
-            attribution=None if edges.attributor is None else edges.attributor.status(),
             udev=edges.udev,
             watcher=edges.watcher,
             kernel=edges.kernel,

@@ -27,7 +27,6 @@ from kmodd.daemon.events import UdevDevice
 from kmodd.daemon.generation import Generation
 from kmodd.daemon.journal import JournalSink
 from kmodd.host import sysmodule
-from kmodd.host.proc import Requester
 from kmodd.host.sysmodule import SYS_MODULE
 from kmodd.policy.engine import Decision
 from kmodd.policy.requester import RequesterFacts
@@ -101,6 +100,7 @@ class Decider:
         self.stats = Stats()
         self.hits = 0  # cache hits / misses since start (tests, benchmarks)
         self.misses = 0
+        self.kernel_passed = 0  # helper requests answered "allow kernel" (core.decide_line)
         self._generation: Generation | None = None
         self._cache: dict[_Key, Answer] = {}
         # devpath -> MODALIAS recorded with this generation: at boot kmodd's coldplug scan
@@ -145,19 +145,18 @@ class Decider:
             self._cache[key] = found
         return found
 
-    def kernel(self, name: bytes, who: Requester | None, extra: Fields) -> bytes:
-        """decide.sock: the reply to NAME (a valid request name), counted and journaled
-        with who asked (EXTRA: its journal fields, or why it is unknown)."""
-        found = self.answer(
-            name.decode("ascii"), Source.KERNEL, None if who is None else who.facts()
-        )
+    def kernel(self, name: bytes, extra: Fields) -> bytes:
+        """decide.sock: the reply to NAME (a valid request name), decided without its
+        requester (the daemon never knows who asked; EXTRA: why, for the journal),
+        counted and journaled."""
+        found = self.answer(name.decode("ascii"), Source.KERNEL)
         if found is None:
             self.stats.no_generation += 1
             text = f"no policy generation: helper decides {name.decode()} from its snapshot"
             self.sink.emit(records.fallback(text))
             return NO_GENERATION
         self.stats.count(found.decision, found.enforcement)
-        self.sink.emit(records.annotate(found.record(), who, extra))
+        self.sink.emit(records.annotate(found.record(), extra))
         return found.reply
 
     def logged(

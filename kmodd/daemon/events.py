@@ -60,11 +60,6 @@ class ReloadRequested:
 
 
 @dataclass(frozen=True, slots=True)
-class Traced:
-    """The attributor read module_request events: parked decisions may now be answered."""
-
-
-@dataclass(frozen=True, slots=True)
 class Stop:
     reason: str
 
@@ -76,5 +71,5 @@ class KernelEvents:
     events: tuple[KernelEvent, ...]
 
 
-Event = FilesChanged | UdevDevice | UdevLost | ReloadRequested | Traced | Stop | KernelEvents
+Event = FilesChanged | UdevDevice | UdevLost | ReloadRequested | Stop | KernelEvents
 Post = Callable[[Event], None]

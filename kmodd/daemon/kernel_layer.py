@@ -23,13 +23,21 @@ from pathlib import Path
 from kmodd.bpf.detect import Support, detect
 from kmodd.bpf.layer import PIN_DIR, KernelLayer, Tables
 from kmodd.bpf.layout import Action, KernelEvent, Kind, Mode, NameRules, Verdict
-from kmodd.contract.journal import Field, Priority, Record, requester_fields
+from kmodd.contract.journal import (
+    Field,
+    KernelRequester,
+    MessageId,
+    Priority,
+    Record,
+    requester_fields,
+)
 from kmodd.contract.status import LayerState
 from kmodd.daemon import records
 from kmodd.daemon.events import KernelEvents
 from kmodd.daemon.generation import Generation
 from kmodd.daemon.kernel_tables import compile_tables
 from kmodd.errors import KmoddError
+from kmodd.helper import normalize
 from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.types import Source
 
@@ -49,6 +57,9 @@ class KernelEdge:
         self.events = 0  # ring-buffer events read
         self.failed: str | None = None  # the last apply() failure
         self._in_kernel = "no generation applied yet"
+        # (generation, names it decides in-kernel): replaced whole by apply() on the build
+        # thread, read by the core thread (one reference: never half of each)
+        self._domain: tuple[int, frozenset[str]] = (0, frozenset())
 
     @classmethod
     def start(cls, post: Callable[[KernelEvents], None], pin_dir: Path = PIN_DIR) -> KernelEdge:
@@ -96,6 +107,7 @@ class KernelEdge:
             self._layer.apply(compiled.tables)
         except (KmoddError, OSError, ValueError) as err:
             self.failed = f"generation {gen.number}: {err}"
+            self._domain = (gen.number, frozenset())
             with contextlib.suppress(KmoddError, OSError):
                 empty = Tables({"": NameRules()}, (), Mode.PERMISSIVE, Verdict.ALLOW, gen.number)
                 self._layer.apply(empty)
@@ -103,6 +115,23 @@ class KernelEdge:
         self.failed = None
         self._rule_ids = compiled.rule_ids
         self._in_kernel = compiled.in_kernel
+        self._domain = (gen.number, compiled.domain)
+
+    def decided_in_kernel(self, name: str, generation: int) -> bool:
+        """The program decided NAME for its exact requester with GENERATION's tables: a
+        request of it that reaches the helper was allowed (or would-denied) in-kernel."""
+        number, domain = self._domain
+        return self._layer is not None and number == generation and normalize(name) in domain
+
+    def unknown_why(self, name: str) -> str:
+        """Why the requester of a helper request for NAME is unknown (journal, status)."""
+        if self._layer is None:
+            return f"kernel layer inactive: {self._reason}"
+        if self.failed is not None:
+            return f"kernel layer tables emptied: {self.failed}"
+        if not self._domain[1]:
+            return "a requester rule tests gid, unit or container: not decided in-kernel"
+        return f"{name[:60]} has no in-kernel verdict (not an exact name of the module tree)"
 
     def state(self) -> LayerState:
         if self._layer is None:
@@ -117,28 +146,41 @@ class KernelEdge:
         return self._rule_ids[event.rule]
 
     def records(self, batch: KernelEvents, gen: Generation | None) -> list[Record]:
-        """Journal records for what the kernel refused (or would have, permissive).
-        Requests it let through are journaled by the helper's decision, not here."""
+        """A journal record for every ring-buffer event, with the requester the kernel
+        took: a decision record (decided_by kernel) or a debug notice (_is_decision)."""
         out = []
         for event in batch.events:
-            if event.action not in (Action.DENIED, Action.WOULD_DENY):
+            if event.kind is not Kind.REQUEST:
+                if event.action in (Action.DENIED, Action.WOULD_DENY):
+                    out.append(self._load_record(event))
+            elif gen is None:
                 continue
-            if event.kind is Kind.REQUEST and event.action is Action.DENIED and gen is not None:
+            elif self._is_decision(event, gen):
                 out.append(self._request_record(event, gen))
-            elif event.kind is not Kind.REQUEST:
-                out.append(self._load_record(event))
+            else:
+                out.append(_passed_record(event))
         return out
 
+    def _is_decision(self, event: KernelEvent, gen: Generation) -> bool:
+        """The event is the request's decision record: refused in-kernel (no helper
+        runs), or the kernel's verdict stands for its requester (core.decide_line answers
+        the helper `allow kernel` and journals nothing).  Otherwise the helper's request
+        is journaled by the daemon's decision and the event is a debug notice."""
+        if event.action is Action.DENIED:
+            return True
+        uses = gen.compiled.uses_requester
+        return uses and self.decided_in_kernel(event.name, gen.number)
+
     def _request_record(self, event: KernelEvent, gen: Generation) -> Record:
-        facts = facts_of(event)
-        rec = records.decision(gen.decide(event.name, Source.KERNEL, facts), gen.number)
+        rec = records.decision(gen.decide(event.name, Source.KERNEL, facts_of(event)), gen.number)
         fields = dict(rec.fields)
-        fields.update(
-            requester_fields(facts, pid=event.tgid, comm=event.comm, exe=None, cgroup=None)
-        )
-        fields[Field.LAYERS] = "kernel"
-        fields[Field.ENFORCED] = "yes"
-        return Record(rec.message_id, rec.priority, f"in-kernel: {rec.message}", fields)
+        fields.update(requester_fields(kernel_requester(event)))
+        fields[Field.DECIDED_BY] = "kernel"
+        if event.action is Action.DENIED:
+            fields[Field.LAYERS] = "kernel"
+            fields[Field.ENFORCED] = "yes"
+        who = f" (requested by {event.comm!r}[{event.tgid}] uid {event.uid})"
+        return Record(rec.message_id, rec.priority, f"in-kernel: {rec.message}{who}", fields)
 
     def _load_record(self, event: KernelEvent) -> Record:
         what = f"{event.name} (dev {event.dev >> 20}:{event.dev & 0xFFFFF} inode {event.ino})"
@@ -158,6 +200,28 @@ class KernelEdge:
             self._thread.join(timeout=5)
         if self._layer is not None:
             self._layer.close()
+
+
+def _passed_record(event: KernelEvent) -> Record:
+    text = (
+        f"kernel request {event.name} by {event.comm!r}[{event.tgid}] uid {event.uid} "
+        "passed to the helper (no in-kernel verdict for this name)"
+    )
+    fields = requester_fields(kernel_requester(event))
+    return Record(MessageId.NOTICE, Priority.DEBUG, text, fields)
+
+
+def kernel_requester(event: KernelEvent) -> KernelRequester:
+    return KernelRequester(
+        facts=facts_of(event),
+        tgid=event.tgid,
+        tid=event.pid,
+        comm=event.comm,
+        loginuid=event.loginuid,
+        sessionid=event.sessionid,
+        cgroup_id=event.cgroup_id,
+        userns=event.userns_inum,
+    )
 
 
 def facts_of(event: KernelEvent) -> RequesterFacts:

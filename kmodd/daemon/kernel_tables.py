@@ -47,6 +47,9 @@ class Compiled:
     tables: Tables
     rule_ids: tuple[str, ...]  # index -> rule id (events carry the index)
     in_kernel: str  # one sentence: what the kernel layer decides for this generation
+    # Normalized request names the program decides for the exact requester: a request of
+    # one of them that reaches the helper was allowed in-kernel for whoever asked.
+    domain: frozenset[str] = frozenset()
 
 
 def uid_pieces(policy: CompiledPolicy) -> list[tuple[int, int]] | None:
@@ -57,7 +60,7 @@ def uid_pieces(policy: CompiledPolicy) -> list[tuple[int, int]] | None:
         m = rule.requester
         if m is None:
             continue
-        if m.gids is not None or m.units is not None or m.container is not None:
+        if not m.in_kernel:
             return None
         for uid in m.uids or ():
             if 0 <= uid <= UID_MAX:
@@ -92,10 +95,12 @@ def name_rules(
             conds.append(Condition(Verdict.DENY, rule, uid=(lo, hi)))
     if len(conds) > CONDS_MAX:
         return None
+    # Every piece no condition denies is allowed: ALLOW, never PASS, so the helper is
+    # never left to decide this name without its requester (daemon/core.py answers a
+    # helper for a name of the domain "allow kernel": the kernel's verdict stands).
     allows = {d.rule for _, _, d in decided if d.verdict is PolicyVerdict.ALLOW}
-    if len(allows) == 1:
-        return NameRules(tuple(conds), Verdict.ALLOW, rule_index[allows.pop()])
-    return NameRules(tuple(conds))
+    rule = rule_index[allows.pop()] if len(allows) == 1 else NO_RULE
+    return NameRules(tuple(conds), Verdict.ALLOW, rule)
 
 
 def load_data_verdict(module_dir: Path, sys_module: Path = Path("/sys/module")) -> Verdict:
@@ -122,8 +127,11 @@ def compile_tables(gen: Generation, *, sys_module: Path = Path("/sys/module")) -
     rule_index = {rule_id: i for i, rule_id in reversed(list(enumerate(rule_ids)))}
     pieces = uid_pieces(policy)
     names: dict[str, NameRules] = {"": NameRules()}
+    domain: frozenset[str] = frozenset()
     if pieces is not None:
-        for key, name in compiler.snapshot_names(gen.kmod).items():
+        snapshot = compiler.snapshot_names(gen.kmod)
+        domain = frozenset(snapshot)
+        for key, name in snapshot.items():
             resolution = gen.resolutions.get(name) or gen.kmod.resolve(name)
 
             def decide_at(
@@ -136,7 +144,10 @@ def compile_tables(gen: Generation, *, sys_module: Path = Path("/sys/module")) -
                 names[key] = entry  # normalized, as the program looks names up
         what = f"{len(names) - 1} request names decided in-kernel"
     else:
-        what = "no request names in-kernel: a requester rule tests gid, unit or container"
+        what = (
+            "no request names in-kernel: a requester rule tests gid, unit or container "
+            "(layer 1 only, decided by unknown_requester)"
+        )
     paths = []
     for module in sorted(gen.denied_modules):
         info = gen.kmod.module_info(module)
@@ -147,7 +158,7 @@ def compile_tables(gen: Generation, *, sys_module: Path = Path("/sys/module")) -
     load_data = load_data_verdict(gen.paths.module_dir, sys_module)
     tables = Tables(names, files, mode, load_data, gen.number)
     what += f"; {len(files)} denied module files; init_module from memory {load_data.name.lower()}"
-    return Compiled(tables, rule_ids, what)
+    return Compiled(tables, rule_ids, what, domain)
 
 
 def _module_rule(gen: Generation, module: str) -> str:

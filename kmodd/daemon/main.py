@@ -22,7 +22,6 @@ from types import FrameType
 from kmodd import __version__, helper
 from kmodd.contract.journal import Priority
 from kmodd.daemon import records
-from kmodd.daemon.attribution import INSTANCE, Attributor
 from kmodd.daemon.core import Core
 from kmodd.daemon.events import ReloadCause, ReloadRequested, Stop
 from kmodd.daemon.generation import BuildOptions
@@ -100,11 +99,6 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-watch", action="store_true", help="do not watch files")
     p.add_argument("--no-udev", action="store_true", help="do not listen to uevents")
-    p.add_argument(
-        "--no-attribution",
-        action="store_true",
-        help="do not trace module_request to learn who asked (docs/attribution.md)",
-    )
     p.add_argument(
         "--no-kernel-layer",
         action="store_true",
@@ -251,21 +245,6 @@ def _signals(core: Core) -> None:
     signal.signal(signal.SIGHUP, reload)
 
 
-def _attributor(args: argparse.Namespace, sink: JournalSink) -> Attributor | None:
-    """Requester attribution (docs/attribution.md): only for the live system (--root /)."""
-    if args.no_attribution or Path(args.root) != Path("/"):
-        return None
-    attributor = Attributor()
-    found = attributor.start()
-    text = "requester attribution: " + (
-        f"tracefs instance {found.tracefs}/instances/{INSTANCE}"
-        if found.available
-        else f"unavailable ({found.reason}); decisions say 'requester unknown'"
-    )
-    sink.emit(records.notice(text, Priority.NOTICE if found.available else Priority.WARNING))
-    return attributor
-
-
 def _kernel(args: argparse.Namespace, core: Core, cleanup: Cleanup) -> None:
     """The BPF LSM layer (only for the live system): attached, or inactive with why."""
     if args.no_kernel_layer or Path(args.root) != Path("/"):
@@ -296,23 +275,15 @@ def run(args: argparse.Namespace) -> int:
     notifier = Notifier()
     limits = StartLimits(cap_s=args.start_cap)
     notifier.extend_timeout(limits.extend_usec())  # the setup below: udev, BPF (TCG: seconds)
-    attributor = _attributor(args, sink)
     last_good = LastGood(paths, options, sink)
     last_good.load()
-    edges = Edges(
-        notifier=notifier, reassert=args.reassert, attributor=attributor, last_good=last_good
-    )
+    edges = Edges(notifier=notifier, reassert=args.reassert, last_good=last_good)
     core = Core(paths, options, sink, edges, limits)
     if args.metrics_file:
         core.housekeeper.metrics = MetricsWriter(
             Path(args.metrics_file), sink, max(1.0, args.metrics_interval)
         )
     cleanup: Cleanup = [sink.stop, core.close]
-    if attributor is not None:
-        cleanup.append(attributor.stop)
-        found = attributor.availability()
-        if not found.available:
-            core.notes.append(f"requester attribution unavailable: {found.reason}")
     try:
         server = Server(_listeners(paths, gid, cleanup), core, status_gid=gid)
         cleanup.append(server.close)

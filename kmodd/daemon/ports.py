@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from kmodd.daemon.attribution import Attributor
 from kmodd.host.sysmodule import SYS_MODULE
 
 if TYPE_CHECKING:  # lastgood builds generations: ports stay below it
@@ -78,6 +77,8 @@ class KernelLike(Protocol):
     def apply(self, gen: Generation) -> None: ...
     def records(self, batch: KernelEvents, gen: Generation | None) -> list[Record]: ...
     def state(self) -> LayerState: ...
+    def decided_in_kernel(self, name: str, generation: int) -> bool: ...
+    def unknown_why(self, name: str) -> str: ...
 
 
 @dataclass
@@ -88,7 +89,6 @@ class Edges:
     modprobe_path: ModprobePathLike | None = None
     recoldplug: Callable[[], None] | None = None
     reassert: bool = False  # re-point kernel.modprobe at the helper after tampering
-    attributor: Attributor | None = None  # who asked (tracefs); None: not attempted
     last_good: LastGood | None = None  # the persisted store (kmodd.daemon.lastgood)
     udev: UdevLike | None = None  # the running uevent monitor
     watcher: WatcherLike | None = None  # the running file watcher

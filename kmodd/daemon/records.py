@@ -11,12 +11,9 @@ from kmodd.contract.journal import (
     MessageId,
     Priority,
     Record,
-    requester_fields,
     requester_unknown,
 )
 from kmodd.daemon.events import UdevDevice
-from kmodd.host.proc import Requester
-from kmodd.host.tracefs import Availability
 from kmodd.policy.coverage import Layer
 from kmodd.policy.engine import Decision
 from kmodd.policy.types import Mode, Outcome
@@ -95,27 +92,16 @@ def _enforced(enforcement: Enforcement, loaded: Sequence[str]) -> Fields:
     }
 
 
-def requester(who: Requester) -> Fields:
-    """OBJECT_PID and the KMODD_REQUESTER_* fields of a known requester."""
-    return requester_fields(who.facts(), pid=who.pid, comm=who.comm, exe=who.exe, cgroup=who.cgroup)
+def unknown_requester(why: str) -> Fields:
+    """The fields of a kernel decision the daemon made without knowing who asked."""
+    return {**requester_unknown(why), Field.DECIDED_BY: "daemon"}
 
 
-def unknown_requester(availability: Availability, reason: str | None = None) -> Fields:
-    """The KMODD_REQUESTER field of a kernel decision whose requester is not known."""
-    return requester_unknown(
-        reason or availability.reason or "no module_request event matched in time"
-    )
-
-
-def annotate(record: Record, who: Requester | None, extra: Mapping[str, str]) -> Record:
-    """RECORD (a cached decision record) with this request's requester fields EXTRA and,
-    when known, who asked at the end of its MESSAGE."""
+def annotate(record: Record, extra: Mapping[str, str]) -> Record:
+    """RECORD (a cached decision record) with this request's fields EXTRA."""
     if not extra:
         return record
-    message = record.message
-    if who is not None:
-        message += f" (requested by {who.comm}[{who.pid}] uid {who.uid})"
-    return Record(record.message_id, record.priority, message, {**record.fields, **extra})
+    return Record(record.message_id, record.priority, record.message, {**record.fields, **extra})
 
 
 def reload_ok(generation: int, content_hash: str, cause: str, mode: Mode, files: int) -> Record:

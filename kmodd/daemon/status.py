@@ -209,7 +209,6 @@ def status(core: CoreView) -> StatusDocument:
         devices_denied=devices_denied(core),
         loaded_denied=loaded_denied(core),
         notes=list(core.notes),
-        attribution=core.attribution,
         layers=layers(core),
         coverage=coverage(core),
         initramfs=initramfs(core),

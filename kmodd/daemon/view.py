@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kmodd.contract.status import AttributionInfo, DecisionCounters, LastGoodInfo
+from kmodd.contract.status import DecisionCounters, LastGoodInfo
 from kmodd.daemon.events import ReloadCause, UdevDevice
 from kmodd.daemon.generation import Generation
 from kmodd.daemon.ports import KernelLike, TamperLike, UdevLike, WatcherLike
@@ -50,7 +50,6 @@ class CoreView:
     static_usermodehelper: str | None  # why the kernel ignores kernel.modprobe
     devices: tuple[UdevDevice, ...]
     notes: tuple[str, ...]
-    attribution: AttributionInfo | None
     udev: UdevLike | None
     watcher: WatcherLike | None
     kernel: KernelLike | None  # the BPF LSM layer; None: not started

@@ -3,8 +3,6 @@
     host.modprobe_path  the kernel.modprobe sysctl (point it at the helper, restore it)
     host.kconfig        the kernel's .config (CONFIG_STATIC_USERMODEHELPER)
     host.cmdline        the kernel command line's kmodd.mode= escape hatch
-    host.tracefs        what tracefs offers for requester attribution (a probe)
-    host.proc           a task as /proc shows it (the requester of an autoload)
 
 Imports nothing from kmodd.daemon or kmodd.cli (tests/test_linters.py checks it).
 """

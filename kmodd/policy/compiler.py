@@ -416,11 +416,14 @@ _SNAPSHOT_SAFE = re.compile(r"^[\x21-\x5b\x5d-\x7e]{1,256}$")  # no backslash: k
 
 def kernel_request_denies(policy: CompiledPolicy) -> Iterable[CompiledRule]:
     """Deny rules without a module key that hold for kernel requests by name alone,
-    up to the first rule with a request or class key that is not such a rule."""
+    up to the first rule with a request or class key that is not such a rule.  The
+    snapshot is decided without a requester, as the daemon decides one it does not know:
+    a rule with a requester key counts with the policy's `unknown_requester` verdict."""
     for rule in policy.rules:
         kernel = rule.sources is None or Source.KERNEL in rule.sources
-        by_name = rule.modules is None and rule.classes is None and rule.requester is None
-        if rule.info.verdict is Verdict.DENY and kernel and by_name and rule.requests:
+        by_name = rule.modules is None and rule.classes is None
+        verdict = rule.info.verdict if rule.requester is None else policy.unknown_requester
+        if verdict is Verdict.DENY and kernel and by_name and rule.requests:
             yield rule
-        elif kernel and rule.info.verdict is Verdict.ALLOW and (rule.requests or rule.classes):
+        elif kernel and verdict is Verdict.ALLOW and (rule.requests or rule.classes):
             return

@@ -4,8 +4,11 @@ Semantics (docs/policy.md "How a decision is made" is the user-facing copy):
 
 1. The request name is normalized as kmod does ('-' → '_' outside [...]) and classified
    (kmodd.policy.requests).  A rule *applies to the request* when each of its `request`,
-   `class`, `source` and `requester` keys that is present matches (a `requester` key
-   never matches when the requester is unknown).
+   `class`, `source` and `requester` keys that is present matches.  A `requester` key
+   never matches a udev or cli request (they have no requester).  For a kernel request
+   whose requester is unknown (facts None) it applies, and the rule then decides with
+   the policy's `unknown_requester` verdict instead of its own action (deny by default:
+   fail closed; docs/attribution.md).
 2. The subjects are the load set (resolved modules, hard deps, softdeps, in load order)
    followed by any resolved module not in it (e.g. skipped by a blacklist line): a deny
    rule on a module must hold even when modprobe would skip it today.
@@ -102,12 +105,17 @@ class CompiledRule:
         source: Source,
         requester: RequesterFacts | None = None,
     ) -> bool:
-        """The request-level keys (request, class, source, requester) all match; a
-        requester key never matches an unknown requester (None)."""
+        """The request-level keys (request, class, source, requester) all match.  With no
+        requester (None), a requester key matches a kernel request (whose requester is
+        unknown: decided by `unknown_requester`) and never a udev or cli one."""
         if self.sources is not None and source not in self.sources:
             return False
-        if self.requester is not None and not self.requester.matches(requester):
-            return False
+        if self.requester is not None:
+            if requester is None:
+                if source is not Source.KERNEL:
+                    return False
+            elif not self.requester.matches(requester):
+                return False
         if self.classes is not None and klass not in self.classes:
             return False
         return self.requests is None or self.requests.matches(norm)
@@ -122,6 +130,7 @@ class CompiledPolicy:
     default: Verdict
     hash: str = ""
     files: tuple[str, ...] = ()
+    unknown_requester: Verdict = Verdict.DENY  # a requester rule's verdict, requester unknown
     _module_hits: dict[str, frozenset[int]] = field(default_factory=dict, compare=False)
 
     def module_hits(self, module: str) -> frozenset[int]:
@@ -140,6 +149,17 @@ class CompiledPolicy:
     @functools.cached_property
     def default_info(self) -> RuleInfo:
         return RuleInfo(DEFAULT_RULE, self.default)
+
+    def unknown_info(self, rule: CompiledRule) -> RuleInfo:
+        """What RULE (with a requester key) says when the requester is unknown."""
+        info = rule.info
+        return RuleInfo(
+            id=info.id,
+            verdict=self.unknown_requester,
+            reason=f"requester unknown; unknown_requester: {self.unknown_requester}",
+            references=info.references,
+            location=info.location,
+        )
 
     @functools.cached_property
     def uses_requester(self) -> bool:
@@ -187,13 +207,14 @@ def compile_policy(ps: PolicySet, *, mode: Mode | None = None) -> CompiledPolicy
         default=ps.default,
         hash=ps.hash,
         files=tuple(f.path for f in ps.files),
+        unknown_requester=ps.unknown_requester,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A request to decide: the raw name, where it came from and, when attribution knew,
-    the task that triggered it (kmodd.daemon.attribution)."""
+    """A request to decide: the raw name, where it came from and, when it is known, the
+    task that triggered it (the kernel layer's ring-buffer event; None: unknown)."""
 
     name: str
     source: Source = Source.KERNEL
@@ -277,10 +298,16 @@ def decide(request: Request, resolution: Resolution, policy: CompiledPolicy) -> 
         if rule.applies(norm, klass, request.source, request.requester)
     ]
     subjects: tuple[str | None, ...] = _subjects(resolution) or (None,)
+    unknown = request.requester is None
     trace = []
     for module in subjects:
         rule = _first_rule(policy, candidates, module)
-        info = rule.info if rule is not None else policy.default_info
+        if rule is None:
+            info = policy.default_info
+        elif unknown and rule.requester is not None:
+            info = policy.unknown_info(rule)
+        else:
+            info = rule.info
         via = Via.DEFAULT if rule is None else (Via.REQUEST if rule.modules is None else Via.MODULE)
         trace.append(TraceStep(module, info.id, info.verdict, via, info))
     step = _deciding_step(trace, resolution.modules)

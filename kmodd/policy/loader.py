@@ -164,6 +164,8 @@ def load_policy(paths: Paths) -> PolicySet:
         default=policy.default,
         mode_from=policy.mode_from,
         default_from=policy.default_from,
+        unknown_requester=policy.unknown_requester,
+        unknown_requester_from=policy.unknown_requester_from,
         masked=tuple(str(p) for p in masked),
         hash=policy.hash,
     )
@@ -315,8 +317,8 @@ def _duplicate_ids(docs: list[tuple[Path, Document]]) -> list[Issue]:
 def _merge(parsed: list[tuple[Path, bytes, PolicyFile, Document]]) -> PolicySet:
     digest = hashlib.sha256()
     sources, rules = [], []
-    mode_from = default_from = None
-    mode, default = Mode.ENFORCE, Action.ALLOW
+    mode_from = default_from = unknown_from = None
+    mode, default, unknown = Mode.ENFORCE, Action.ALLOW, Action.DENY
     for path, data, policy, doc in parsed:
         digest.update(path.name.encode() + b"\0" + data + b"\0")
         sources.append(PolicySource(str(path), hashlib.sha256(data).hexdigest()))
@@ -324,6 +326,8 @@ def _merge(parsed: list[tuple[Path, bytes, PolicyFile, Document]]) -> PolicySet:
             mode, mode_from = policy.mode, str(path)
         if policy.default is not None:
             default, default_from = policy.default, str(path)
+        if policy.unknown_requester is not None:
+            unknown, unknown_from = policy.unknown_requester, str(path)
         for index, rule in enumerate(policy.rules):
             mark = doc.marks.get(("rules", index), Mark(0, 0))
             rules.append(LocatedRule(rule, str(path), mark.line, mark.column))
@@ -334,5 +338,7 @@ def _merge(parsed: list[tuple[Path, bytes, PolicyFile, Document]]) -> PolicySet:
         default=default,
         mode_from=mode_from,
         default_from=default_from,
+        unknown_requester=unknown,
+        unknown_requester_from=unknown_from,
         hash=digest.hexdigest(),
     )

@@ -103,8 +103,9 @@ Id = Annotated[int, Field(ge=0, le=4294967294)]
 
 class RequesterMatch(_Strict):
     """Who triggered a kernel autoload (docs/attribution.md).  Every key given must match
-    (AND); a list matches if any item does.  A rule with a requester key never matches a
-    request whose requester is unknown (udev and kmodctl requests, or no attribution)."""
+    (AND); a list matches if any item does.  udev and kmodctl requests have no requester:
+    the rule never applies to them.  A kernel autoload whose requester is unknown is
+    decided by the rule with the policy's `unknown_requester` verdict (deny by default)."""
 
     uid: list[Id] | None = Field(default=None, min_length=1)
     """Real uids, as the initial user namespace sees them.  Example: [0, 1000]"""
@@ -214,6 +215,12 @@ class PolicyFile(_Strict):
     """Verdict for a module (or unresolvable request) that no rule matches; the last file
     that sets it wins; allow if none does."""
 
+    unknown_requester: Action | None = Field(default=None, strict=False)
+    """Verdict of a rule with a requester key when the requester of a kernel autoload is
+    unknown (no kernel layer, or a requester key the kernel layer cannot decide: gid,
+    unit, container): deny (fail closed) or allow.  The last file that sets it wins; deny
+    if none does (docs/attribution.md)."""
+
     rules: list[Rule] = Field(default_factory=list)
     """Rules in evaluation order."""
 
@@ -265,5 +272,7 @@ class PolicySet:
     default: Action = Action.ALLOW
     mode_from: str | None = None  # the file that set mode, None if nobody did
     default_from: str | None = None
+    unknown_requester: Action = Action.DENY
+    unknown_requester_from: str | None = None
     masked: tuple[str, ...] = ()
     hash: str = field(default="")

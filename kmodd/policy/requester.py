@@ -1,11 +1,11 @@
 """Who asked, as the policy sees it: requester facts and the compiled `match: requester:`
 key.  Pure and stdlib-only (the decision hot path and kmodctl import it).
 
-The daemon learns the facts from tracefs and /proc (kmodd.daemon.attribution) and writes
-them to the journal as KMODD_REQUESTER_* fields (kmodd.contract.journal owns those);
-`kmodctl simulate` reads them back from there.  A request whose requester is unknown has
-no facts (None): a rule with a `requester` key never matches it, whatever the key says
-(docs/policy.md).
+Only the kernel layer knows the facts (its BPF program takes them in-kernel, in the
+requesting task's context); the daemon journals them as KMODD_REQUESTER_* fields
+(kmodd.contract.journal owns those) and `kmodctl simulate` reads them back.  A kernel
+request whose requester is unknown has no facts (None): a rule with a `requester` key
+then decides with the policy's `unknown_requester` verdict (kmodd.policy.engine).
 """
 
 from __future__ import annotations
@@ -66,6 +66,14 @@ class RequesterMatcher:
             units=units,
             container=container,
         )
+
+    @property
+    def in_kernel(self) -> bool:
+        """Only keys the BPF program can test exactly (functions of the real uid).  gid
+        means supplementary groups too, unit a cgroup's systemd unit name (cgroup ids
+        are not stable names), container pid namespaces and container cgroups: the kernel
+        layer sees none of those (docs/attribution.md), they stay layer 1 only."""
+        return self.gids is None and self.units is None and self.container is None
 
     def matches(self, facts: RequesterFacts | None) -> bool:
         """Unknown requester: never (a rule about who asked cannot apply to nobody)."""

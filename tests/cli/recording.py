@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kmodd.contract.journal import Record, requester_fields
+from kmodd.contract.journal import KernelRequester, Record, requester_fields
 from kmodd.daemon import records
 from kmodd.daemon.journal import JournalSink, journal_sender
 from kmodd.kmod.model import LoadStep, Resolution, StepKind
@@ -37,7 +37,6 @@ class Entry:
     source: str = "kernel"
     uid: int | None = None  # None: requester unknown
     comm: str = "python3"
-    unit: str | None = None
     container: bool = False
 
 
@@ -60,8 +59,9 @@ def record_of(entry: Entry) -> Record:
     rec = records.decision(d, 1)
     if entry.uid is None:
         return rec
-    facts = RequesterFacts(entry.uid, entry.uid, entry.uid, (), entry.unit, entry.container)
-    extra = requester_fields(facts, pid=1, comm=entry.comm, exe="/usr/bin/python3.11", cgroup=None)
+    facts = RequesterFacts(entry.uid, entry.uid, entry.uid, container=entry.container)
+    who = KernelRequester(facts, 1, 1, entry.comm, None, None, 1, 4026531837)
+    extra = requester_fields(who)
     return Record(rec.message_id, rec.priority, rec.message, {**rec.fields, **extra})
 
 

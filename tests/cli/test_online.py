@@ -125,7 +125,6 @@ def status_doc(**over: Any) -> StatusDocument:
         devices_denied=[],
         loaded_denied=[LoadedDenied(module="algif_aead", rule="copy-fail", reason="r")],
         notes=[],
-        attribution=None,
         layers={
             "kernel": LayerState(active=False, reason="not implemented yet"),
             "helper": LayerState(active=False, reason="kernel.modprobe is '/sbin/modprobe'"),

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from kmodd.bpf.layout import USER_NS_INIT_INO
 from kmodd.contract.journal import (
+    AUDIT_UNSET,
     DECISIONS,
     Field,
+    KernelRequester,
     MessageId,
     lookup_field,
     requester_facts,
@@ -27,7 +30,7 @@ from kmodd.policy.types import Mode, Outcome, Source, Verdict
 REPO = Path(__file__).resolve().parents[2]
 DOCS = (REPO / "docs/journal.md").read_text()
 CATALOG = (REPO / "systemd/kmodd.catalog").read_text()
-NOBODY = RequesterFacts(uid=65534, euid=65534, gid=65534, groups=(100,), unit="session-3.scope")
+NOBODY = RequesterFacts(uid=65534, euid=65534, gid=65534)
 CONTAINED = RequesterFacts(uid=100000, euid=100000, gid=100000, container=True)
 NAMES = frozenset(f.value for f in Field)
 
@@ -120,17 +123,19 @@ def test_every_decision_field_is_on_every_decision_id() -> None:
 
 
 def test_requester_fields_round_trip() -> None:
-    record = requester_fields(
-        NOBODY, pid=42, comm="python3", exe="/usr/bin/python3.11", cgroup="/user.slice/x"
-    )
-    assert record[Field.OBJECT_PID] == "42"
+    who = KernelRequester(NOBODY, 42, 43, "python3", 1000, 3, 7788, USER_NS_INIT_INO)
+    record = requester_fields(who)
+    assert (record[Field.OBJECT_PID], record[Field.REQUESTER_TID]) == ("42", "43")
     assert record["KMODD_REQUESTER_UID"] == "65534"
     assert record["KMODD_REQUESTER_COMM"] == "python3"
-    assert record["KMODD_REQUESTER_UNIT"] == "session-3.scope"
-    assert record["KMODD_REQUESTER_CGROUP"] == "/user.slice/x"
+    assert (record[Field.REQUESTER_LOGINUID], record[Field.REQUESTER_SESSIONID]) == ("1000", "3")
+    assert (record[Field.REQUESTER_CGROUP_ID], record[Field.REQUESTER_USERNS]) == (
+        "7788",
+        "4026531837",
+    )
     assert requester_facts(record) == NOBODY
-    bare = requester_fields(CONTAINED, pid=1, comm="x", exe=None, cgroup=None)
-    assert Field.REQUESTER_EXE not in bare
+    bare = requester_fields(KernelRequester(CONTAINED, 1, 1, "x", None, AUDIT_UNSET, 1, 5))
+    assert (bare[Field.REQUESTER_LOGINUID], bare[Field.REQUESTER_SESSIONID]) == ("unset", "unset")
     assert requester_facts(bare) == CONTAINED
 
 

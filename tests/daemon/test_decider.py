@@ -78,8 +78,8 @@ def test_kernel_requests_are_counted_and_journaled_once_each(
 ) -> None:
     d, sent = decider
     before = d.stats.verdicts.copy()
-    assert d.kernel(b"algif-aead", None, {}) == b"deny copy-fail\n"
-    assert d.kernel(b"fs-vfat", None, {Field.REQUESTER: "unknown: test"}) == b"allow default\n"
+    assert d.kernel(b"algif-aead", {}) == b"deny copy-fail\n"
+    assert d.kernel(b"fs-vfat", {Field.REQUESTER: "unknown: test"}) == b"allow default\n"
     assert d.sink.flush()
     deny, allow = sent[-2], sent[-1]
     assert (deny.message_id, deny.fields[Field.REQUEST]) == (MessageId.DENY, "algif-aead")

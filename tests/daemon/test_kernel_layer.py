@@ -11,7 +11,7 @@ import pytest
 
 from kmodd.bpf.detect import Support
 from kmodd.bpf.layout import USER_NS_INIT_INO, Action, KernelEvent, Kind, Mode, Verdict
-from kmodd.contract.journal import Field, MessageId
+from kmodd.contract.journal import Field, MessageId, Priority
 from kmodd.daemon.events import KernelEvents
 from kmodd.daemon.generation import BuildOptions, Generation, build_generation
 from kmodd.daemon.kernel_layer import KernelEdge, facts_of
@@ -85,16 +85,66 @@ def test_a_request_denied_in_kernel_is_journaled_with_the_exact_requester(
     )
 
 
-def test_requests_let_through_are_left_to_the_helpers_record(gen: Generation) -> None:
+def test_every_request_event_is_journaled_with_the_exact_requester(gen: Generation) -> None:
     edge = KernelEdge(Support(True, "test"))
-    batch = KernelEvents(
-        (
-            event(Kind.REQUEST, Action.ALLOWED, "net-pf-5", uid=0),
-            event(Kind.REQUEST, Action.PASSED, "pci:v00008086d*"),
-            event(Kind.REQUEST, Action.WOULD_DENY, "net-pf-5"),  # the helper journals it
-        )
+    edge._layer = object()  # type: ignore[assignment]  # attached
+    edge._domain = (gen.number, frozenset({"net_pf_5"}))  # as apply() leaves it
+    root = event(Kind.REQUEST, Action.ALLOWED, "net-pf-5", uid=0, euid=0, gid=0)
+    userns = event(Kind.REQUEST, Action.DENIED, "net-pf-5", userns_inum=4026532000)
+    passed = event(Kind.REQUEST, Action.PASSED, "pci:v00008086d*", loginuid=1000, sessionid=3)
+    allowed, denied, notice = edge.records(KernelEvents((root, userns, passed)), gen)
+    assert allowed.message_id is MessageId.ALLOW
+    assert (allowed.fields[Field.DECIDED_BY], allowed.fields[Field.REQUESTER_UID]) == (
+        "kernel",
+        "0",
     )
-    assert edge.records(batch, gen) == []
+    assert Field.ENFORCED not in allowed.fields
+    assert denied.message_id is MessageId.DENY
+    assert (denied.fields[Field.RULE], denied.fields[Field.REQUESTER_USERNS]) == (
+        "modharden",
+        "4026532000",
+    )
+    assert denied.fields[Field.REQUESTER_CONTAINER] == "yes"
+    assert (notice.message_id, notice.priority) == (MessageId.NOTICE, Priority.DEBUG)
+    assert "passed to the helper" in notice.message
+    assert (notice.fields[Field.REQUESTER_LOGINUID], notice.fields[Field.REQUESTER_SESSIONID]) == (
+        "1000",
+        "3",
+    )
+    assert (notice.fields[Field.REQUESTER_TID], notice.fields[Field.OBJECT_PID]) == ("41", "40")
+
+
+def test_without_requester_rules_the_helpers_record_is_the_decision(
+    kernel_tree: KernelTree,
+) -> None:
+    sr = make_root(kernel_tree)
+    sr.write_policy(BASE_POLICY, "10-test.yaml")
+    paths = make_paths(str(sr.root), sr.release, str(sr.runtime))
+    paths.runtime_dir.mkdir(exist_ok=True)
+    g = build_generation(1, paths, BuildOptions(cmdline=sr.cmdline))
+    try:
+        edge = KernelEdge(Support(True, "test"))
+        edge._layer = object()  # type: ignore[assignment]
+        edge._domain = (g.number, frozenset({"net_pf_5", "algif_aead"}))
+        passed = event(Kind.REQUEST, Action.PASSED, "net-pf-5")  # the helper decides
+        denied = event(Kind.REQUEST, Action.DENIED, "algif-aead")  # no helper runs
+        notice, deny = edge.records(KernelEvents((passed, denied)), g)
+        assert (notice.message_id, notice.priority) == (MessageId.NOTICE, Priority.DEBUG)
+        assert deny.message_id is MessageId.DENY
+        assert deny.fields[Field.DECIDED_BY] == "kernel"
+    finally:
+        g.close()
+        shutil.rmtree(sr.root.parent, ignore_errors=True)
+
+
+def test_only_the_applied_generations_domain_is_decided_in_kernel(gen: Generation) -> None:
+    edge = KernelEdge(Support(True, "test"))
+    edge._layer = object()  # type: ignore[assignment]  # attached, for decided_in_kernel
+    edge._domain = (gen.number, frozenset({"net_pf_5"}))
+    assert edge.decided_in_kernel("net-pf-5", gen.number)  # normalized as the program
+    assert not edge.decided_in_kernel("net-pf-5", gen.number + 1)  # tables of another one
+    assert not edge.decided_in_kernel("net-pf-9", gen.number)
+    assert "no in-kernel verdict" in edge.unknown_why("net-pf-9")
 
 
 def test_a_refused_module_file_is_a_warning_naming_file_loader_and_rule(gen: Generation) -> None:

@@ -83,6 +83,9 @@ def test_modharden_denies_unprivileged_requesters_in_kernel_exactly(sr: SystemRo
             policy = gen.decide("net-pf-5", Source.KERNEL, RequesterFacts(uid, uid, uid))
             want = Verdict.DENY if policy.verdict is PolicyVerdict.DENY else Verdict.ALLOW
             assert kernel_verdict(pf5, uid) is want, uid
+        # every piece no condition denies is allowed in-kernel: never left to the helper
+        assert pf5.fallback is Verdict.ALLOW
+        assert {"net_pf_5", "fuse", "algif_aead"} <= compiled.domain
         # the allow list: fuse is allowed for users, so nobody is denied it in-kernel
         assert "fuse" not in names
         # algif_aead is denied for everybody (root by copy-fail; a user's load set meets
@@ -119,6 +122,7 @@ def test_a_rule_on_what_the_kernel_cannot_see_leaves_requests_to_the_helper(
         compiled = compile_tables(gen)
         assert uid_pieces(gen.compiled) is None
         assert compiled.tables.names == {"": NameRules()}
+        assert compiled.domain == frozenset()  # the daemon decides: unknown_requester
         assert "unit" in compiled.in_kernel
     finally:
         gen.close()

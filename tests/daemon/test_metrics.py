@@ -239,7 +239,6 @@ def _view(tmp_path: Path) -> CoreView:
         static_usermodehelper=None,
         devices=(),
         notes=(),
-        attribution=None,
         udev=None,
         watcher=None,
         kernel=None,

@@ -4,6 +4,7 @@ shipped MODHARDEN-style example."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,18 @@ def test_modharden_example(tmp_path: Path) -> None:
         "modharden-allow-list",
     )
     assert verdict(policy, NOBODY, "fs-vfat", ("fat", "vfat", "nls_cp437"))[0] is Verdict.DENY
-    # Unknown requester, or not a kernel request: the rules do not match.
-    assert verdict(policy, None) == (Verdict.ALLOW, "default")
+    # A kernel request whose requester is unknown: the rule decides by unknown_requester
+    # (deny by default: fail closed, root's request too) ...
+    assert verdict(policy, None) == (Verdict.DENY, "modharden")
+    assert verdict(policy, None, "char-major-10-229", ("fuse",)) == (
+        Verdict.DENY,
+        "modharden-allow-list",
+    )
+    opened = replace(policy, unknown_requester=Verdict.ALLOW)
+    assert verdict(opened, None) == (Verdict.ALLOW, "modharden")
+    # ... and a udev or cli request has no requester: the rules never apply.
     assert verdict(policy, NOBODY, source=Source.UDEV) == (Verdict.ALLOW, "default")
+    assert verdict(policy, None, source=Source.CLI) == (Verdict.ALLOW, "default")
 
 
 def test_every_key(tmp_path: Path) -> None:
