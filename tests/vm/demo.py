@@ -54,10 +54,20 @@ def _kmodd(records: list[dict[str, Any]], request: str) -> list[dict[str, Any]]:
     ]
 
 
+def helper_runs(ask: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """How often the helper ran for ASK's request (the daemon journals each of its
+    queries; an in-kernel refusal is journaled as `in-kernel: ...` and ran no helper),
+    and how many helper queries the daemon counted during the whole step."""
+    mine = [r for r in _kmodd(records, ask["request"]) if r.get("KMODD_LAYERS") != "kernel"]
+    total = ask.get("helper_runs")
+    during = "?" if total is None else str(total)
+    return f"helper runs for it: {len(mine)}, during the step: {during}"
+
+
 def decided_by(ask: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """Which layer decided ASK, from the journal and the helper-run count."""
-    request, runs = ask["request"], ask.get("helper_runs")
-    ran = f"helper runs: {runs}" if runs is not None else "helper runs: ?"
+    request = ask["request"]
+    ran = helper_runs(ask, records) if request is not None else ""
     if request is None:
         if ask["what"].startswith("insmod"):
             hit = any("kernel layer refused loading" in str(r.get("MESSAGE")) for r in records)
@@ -69,9 +79,9 @@ def decided_by(ask: dict[str, Any], records: list[dict[str, Any]]) -> str:
         return "modprobe.d (00-kmodd.conf: kmod runs the deny stub; no kernel request)"
     found = _kmodd(records, request)
     if any(r.get("KMODD_LAYERS") == "kernel" for r in found):
-        return f"kernel layer (BPF LSM kernel_module_request, before any helper; {ran})"
+        return f"kernel layer (BPF LSM kernel_module_request, before any helper)\n         {ran}"
     if found:
-        return f"the helper (kmodd-modprobe asked the daemon; {ran})"
+        return f"the helper (kmodd-modprobe asked the daemon)\n         {ran}"
     return f"no kmodd record ({ran})"
 
 
