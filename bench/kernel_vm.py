@@ -58,13 +58,13 @@ def figures(doc: dict[str, Any]) -> list[Figure]:
     kernel = summary(
         "kernel_deny_ms",
         [ns / 1e6 for ns in lat["kernel_ns"]],
-        note="VM (TCG): nobody's net-pf-5 refused in-kernel by modharden, no helper",
+        note="VM (TCG): nobody's net-pf-5 refused in-kernel (legacy-net-protocols), no helper",
     )
     helper = summary(
         "helper_deny_ms_vm",
         [ns / 1e6 for ns in lat["helper_ns"]],
-        note="VM (TCG), interleaved: nobody's net-pf-4 (not in the table): kmodd-modprobe "
-        f"runs, daemon answers {'/'.join(lat['helper_verdicts']) or '?'}",
+        note="VM (TCG), interleaved: nobody's net-pf-4 (not in the table, rule bench-ipx): "
+        f"kmodd-modprobe runs, the daemon answers {'/'.join(lat['helper_verdicts']) or '?'}",
     )
     out = [kernel, helper, ratio("helper_vs_kernel_deny", helper, kernel)]
     k, idle, h = cpu["kernel"], cpu["idle"], cpu["helper"]

@@ -1,12 +1,13 @@
 """Inside the VM, for `make bench` (bench/kernel_vm.py): the kernel layer's figures.
 
-One boot: the daemon with its kernel layer and the MODHARDEN rules (tests/vm/bpf_guest.py
-d_setup), then
+One boot: the daemon with its kernel layer, the shipped baseline and one site rule, then
 
-- `latency`: uid 65534 asks, interleaved, for net-pf-5 (appletalk: in the table, refused
-  in-kernel, no helper) and net-pf-4 (no module in 6.1, so not in the table: the kernel
-  passes it, kmodd-modprobe runs and the daemon denies it by rule modharden).  Each
-  socket() is timed inside the requesting process, as the caller sees it.
+- `latency`: uid 65534 asks, interleaved, for net-pf-5 (appletalk, denied by the
+  baseline's legacy-net-protocols: in the table, refused in-kernel, no helper) and
+  net-pf-4 (no module in 6.1, so not in the table: the kernel passes it, kmodd-modprobe
+  runs and the daemon denies it by the site rule bench-ipx, a request rule that needs no
+  requester attribution).  Each socket() is timed inside the requesting process, as the
+  caller sees it.
 - `cpu`: the daemon's CPU (utime+stime of /proc/PID/stat, all threads) over N in-kernel
   denies, until the N-th record is in the journal; over the same wall time idle (the
   baseline, same boot); and over N helper-decided denies, for the ratio.
@@ -26,14 +27,35 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.vm.bpf_guest import AF_APPLETALK, AF_IPX, _full_records, d_setup
-from tests.vm.guest import Guest, now_us, run_plan, wait_until
+from tests.vm.bpf_guest import AF_APPLETALK, AF_IPX, _full_records, mount_bpffs
+from tests.vm.guest import SITE_DIR, Guest, now_us, run_plan, wait_until
 
 NOBODY = 65534
 ROUNDS = 30  # interleaved pairs; each helper run is ~0.2 s under TCG
 CPU_EVENTS = 200  # in-kernel denies for the CPU figure
 CPU_HELPER = 40  # helper-decided denies for its CPU figure
 TICKS = os.sysconf("SC_CLK_TCK")
+
+
+SITE_RULE = """\
+kmodd: 1
+rules:
+  - id: bench-ipx
+    action: deny
+    match: {request: [net-pf-4]}
+    reason: "bench: a deny the kernel layer's table does not hold (no module has this alias)"
+"""
+
+
+def b_setup(guest: Guest) -> dict[str, Any]:
+    guest.daemon_args = []  # the kernel layer on, as kmodd.service runs it
+    mount_bpffs()
+    guest.start_journald()
+    installed = guest.install()
+    SITE_DIR.mkdir(parents=True, exist_ok=True)
+    guest.write_policy("05-bench.yaml", SITE_RULE)
+    started = guest.start_daemon()
+    return {"install": installed, **started, "layers": guest.status().get("json", {}).get("layers")}
 
 
 def _as_nobody(work: Callable[[], object]) -> Any:
@@ -125,7 +147,7 @@ def b_cpu(guest: Guest) -> dict[str, Any]:
     return {"kernel": kernel, "idle": idle, "helper": helper, "ticks_per_s": TICKS}
 
 
-PLAN = [("setup", d_setup), ("latency", b_latency), ("cpu", b_cpu)]
+PLAN = [("setup", b_setup), ("latency", b_latency), ("cpu", b_cpu)]
 
 
 if __name__ == "__main__":
