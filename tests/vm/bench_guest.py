@@ -150,5 +150,18 @@ def b_cpu(guest: Guest) -> dict[str, Any]:
 PLAN = [("setup", b_setup), ("latency", b_latency), ("cpu", b_cpu)]
 
 
+# The daemon's first build under TCG: 490 s at load 7; at load 11-15 two boots' daemons sent
+# no READY=1 within the suite's 900 s.  The bench waits longer (a figure, not a test).
+READY_S = 1800.0
+
+
+def main() -> int:
+    from tests.vm import guest  # noqa: PLC0415
+
+    guest.DAEMON_READY_S = READY_S
+    guest.SETUP_S = READY_S + 100
+    return run_plan(PLAN, Guest())
+
+
 if __name__ == "__main__":
-    sys.exit(run_plan(PLAN, Guest()))
+    sys.exit(main())
