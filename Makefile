@@ -97,8 +97,11 @@ lint: venv
 demo: venv kernel-tree
 	$(VPY) -m tests.vm.demo
 
+# bench ends with one VM boot for the kernel layer's figures (bench/kernel_vm.py, ~10-15
+# min under TCG); BENCH_ARGS=--no-vm skips it.  KMODD_VM_WRAPPER prefixes only that boot
+# (on the shared dev machine: KMODD_VM_WRAPPER=/work/coord/vmslot).
 bench: venv kernel-tree
-	$(VPY) -m bench
+	$(VPY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(BPF_OBJ)

@@ -1,7 +1,9 @@
 """`make bench`: every kmodd benchmark on the real kernel tree, one `name: value` line per
 figure, then the same table with the machine's description in docs/benchmarks.md.
 
-    .venv/bin/python -m bench            full run (~3-4 min), writes docs/benchmarks.md
+    .venv/bin/python -m bench            full run (~3-4 min, then one VM boot ~10-15 min
+                                         under TCG), writes docs/benchmarks.md
+    .venv/bin/python -m bench --no-vm    without the VM figures (the kernel layer's)
     .venv/bin/python -m bench --quick    a few iterations each (the smoke test), no doc
 
 When a private journald can run (root, systemd-journald present) the whole run happens in
@@ -13,6 +15,7 @@ and the host's journal sees nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import bench_core, boot_bench, daemon_bench, helper_bench, spawn
+from bench import bench_core, boot_bench, daemon_bench, helper_bench, kernel_vm, spawn
 from bench.report import machine, print_figures, table, write_doc
 from bench.stats import Figure
 from bench.system import REPO, Daemon, temp_root
@@ -53,6 +56,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--doc", type=Path, help=f"write the table here (default: {DOC})")
     p.add_argument("--no-doc", action="store_true", help="only print")
     p.add_argument("--no-journald", action="store_true", help="daemon logs to a file")
+    p.add_argument("--no-vm", action="store_true", help="skip the VM boot (kernel layer)")
+    p.add_argument(
+        "--vm-results", type=Path, help="the VM figures from a saved `python -m bench.kernel_vm`"
+    )
     return p.parse_args(argv)
 
 
@@ -109,13 +116,33 @@ def run(args: argparse.Namespace, journal: str, journald_pid: int | None = None)
     core, mix = bench_core.core_figures(tree, plan.core_runs)
     print_figures(core)
     runtime, cli = runtime_figures(tree, plan, mix, journald_pid)
-    ordered = runtime + core + cli
+    ordered = runtime + core + cli + vm_figures(args)
     if not (args.no_doc or (args.quick and args.doc is None)):
         command = "make bench" if not args.quick else "python -m bench --quick"
         write_doc(args.doc or DOC, table(ordered, info, command))
     missed = [f.name for f in ordered if f.met is False]
     print(f"# goals missed: {', '.join(missed) if missed else 'none'}", flush=True)
     return 0
+
+
+def vm_figures(args: argparse.Namespace) -> list[Figure]:
+    """The kernel layer's figures from one VM boot (bench.kernel_vm); none with --quick or
+    --no-vm.  A failed boot is printed, not fatal: the host figures stand on their own."""
+    if args.quick or args.no_vm:
+        print("# vm: skipped (--quick or --no-vm)", flush=True)
+        return []
+    if args.vm_results is not None:
+        doc = json.loads(args.vm_results.read_text())
+    else:
+        print("# vm: booting Debian's kernel under qemu for the kernel layer", flush=True)
+        doc = kernel_vm.boot_results()
+    try:
+        figs = kernel_vm.figures(doc)
+    except (RuntimeError, KeyError, TypeError) as err:
+        print(f"# vm: no figures: {err}", flush=True)
+        return []
+    print_figures(figs)
+    return figs
 
 
 def _journald_pid(namespace: str) -> int:

@@ -13,7 +13,13 @@ from pathlib import Path
 from kmodd import helper
 from kmodd.bpf.detect import detect
 from kmodd.cli.common import paths_from_args, print_json, wants_json
-from kmodd.cli.enforcement import DecisionEnforcement, decision_json, explain_lines, of_decision
+from kmodd.cli.enforcement import (
+    DecisionEnforcement,
+    decision_json,
+    explain_lines,
+    kernel_state,
+    of_decision,
+)
 from kmodd.cli.validate import load_for
 from kmodd.errors import KmoddError
 from kmodd.host.cmdline import read_mode_override
@@ -58,7 +64,7 @@ def explain(paths: Paths, name: str, source: Source, policy: PolicySet) -> Expla
     with KmodContext.from_paths(paths) as ctx:
         resolution = ctx.resolve(name)
         decision = decide(Request(name, source), resolution, compiled)
-        enforcement = of_decision(compiled, ctx, decision)
+        enforcement = of_decision(compiled, ctx, decision, kernel_state(paths))
         infos: dict[str, ModuleInfo] = {}
         for module in dict.fromkeys((*resolution.modules, *resolution.load_set)):
             try:

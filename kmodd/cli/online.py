@@ -11,7 +11,7 @@ from kmodd import wire
 from kmodd.cli import client
 from kmodd.cli.common import print_json, wants_json
 from kmodd.cli.verbs import Verb, VerbSpec
-from kmodd.contract.status import StatusDocument, parse_status
+from kmodd.contract.status import KernelRuleInfo, StatusDocument, parse_status
 from kmodd.errors import KmoddError
 from kmodd.paths import MODULE_BASES, base_note, make_paths
 
@@ -185,11 +185,22 @@ def _coverage_lines(doc: StatusDocument) -> list[str]:
     width = max(len(r["rule"]) for r in rules)
     for r in rules:
         held = " ".join(r["layers"]) or "NOTHING"
-        lines.append(f"  {r['rule']:<{width}}  {held}{'' if r['enforced'] else '  (gaps)'}")
+        lines.append(
+            f"  {r['rule']:<{width}}  {held}{'' if r['enforced'] else '  (gaps)'}"
+            + _kernel_note(r.get("kernel"))
+        )
         lines += [f"    not enforced: {gap}" for gap in r["gaps"]]
         if r["remedy"] and not r["enforced"]:
             lines.append(f"    remedy: {r['remedy']}")
     return lines
+
+
+def _kernel_note(k: KernelRuleInfo | None) -> str:
+    """Which layer enforces it in-kernel: `kernel` is in the layers when active; say
+    when it would be (layer inactive) or cannot be."""
+    if k is None or k["enforcing"]:
+        return ""
+    return "  (kernel layer: would hold it if active)" if k["holds"] else "  (not in-kernel)"
 
 
 def _initramfs_line(doc: StatusDocument) -> list[str]:

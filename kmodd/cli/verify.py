@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodd import helper
+from kmodd.cli.enforcement import NOT_ASKED, KernelState, kernel_state
 from kmodd.errors import KmoddError
 from kmodd.kmod.context import KmodContext
 from kmodd.kmod.initramfs import (
@@ -36,6 +37,7 @@ from kmodd.kmod.initramfs import (
 )
 from kmodd.paths import HELPER_PATH, MODPROBE_D_DIRS, Paths
 from kmodd.policy.engine import CompiledPolicy, Decision, Request, decide
+from kmodd.policy.kernelcov import blocking_rule, table_names
 from kmodd.policy.types import Mode, Source, Verdict
 
 DRYRUN_TIMEOUT_S = 10.0  # one `modprobe -n -v` is ~3 ms natively, ~0.3 s under TCG
@@ -140,6 +142,7 @@ class Row:
     in_image: bool | None  # None: no readable image
     image_dry: DryRun | None
     problems: tuple[str, ...]
+    in_kernel: tuple[str, ...] = ()  # what the kernel layer refuses: "request", "file"
 
     @property
     def enforced(self) -> bool:
@@ -162,6 +165,7 @@ class Report:
     initramfs: Initramfs
     rows: tuple[Row, ...]
     notes: tuple[str, ...]
+    kernel_layer: KernelState = NOT_ASKED
 
     @property
     def failed(self) -> bool:
@@ -379,6 +383,7 @@ def build_report(
     with KmodContext.from_paths(paths) as ctx:
         denied = denied_modules(policy, ctx, only)
         builtins = {helper.normalize(b) for b in ctx.builtin_names()}
+        names, in_table = table_names(ctx), blocking_rule(policy) is None
     image_dry = _image_dry_runs(modprobe, paths, image, [d.module for d in denied])
     rows = []
     for d in denied:
@@ -395,6 +400,7 @@ def build_report(
             in_image=None if image.error else d.module in image.modules,
             image_dry=image_dry.get(d.module),
             problems=(),
+            in_kernel=_in_kernel(d, names, in_table, builtins, policy),
         )
         rows.append(_with_problems(row, image))
     notes = _notes(policy, kernel, rendered, image, loaded)
@@ -409,7 +415,20 @@ def build_report(
         image,
         tuple(rows),
         notes,
+        kernel_state(paths),
     )
+
+
+def _in_kernel(
+    d: _Denied, names: frozenset[str], in_table: bool, builtins: set[str], policy: CompiledPolicy
+) -> tuple[str, ...]:
+    """What the kernel layer's tables hold of D (kmodd.policy.kernelcov's reading): its
+    kernel request by name, its file by identity (denied from every source)."""
+    module = helper.normalize(d.module)
+    if module in builtins or policy.mode is not Mode.ENFORCE:
+        return ()
+    held = ("request",) if d.kernel and in_table and module in names else ()
+    return held + (("file",) if d.udev else ())
 
 
 def _with_problems(row: Row, image: Initramfs) -> Row:

@@ -16,6 +16,7 @@ COLUMNS = (
     "MODULE",
     "RULE",
     "KERNEL REQUEST",
+    "KERNEL LAYER",
     "MODPROBE",
     "LOADED",
     "INITRAMFS",
@@ -30,11 +31,23 @@ def _kernel_cell(row: Row, report: Report) -> str:
         return "built-in"
     if not row.expect_kernel:
         return "not denied"  # the rule does not apply to kernel requests
+    if report.kernel_layer.active and "request" in row.in_kernel:
+        return "refused (kernel layer)"  # before any helper runs
     if report.kernel.modprobe_path is None:
         return "?"
     if row.kernel is None:
         return "refused (modprobe.d)" if row.dry.refuses(row.module) else "LOADS"
     return "refused (helper)" if row.kernel else "LOADS"
+
+
+def _kernel_layer_cell(row: Row, report: Report) -> str:
+    """What the BPF LSM program refuses of ROW ("request+file"), or would if active."""
+    if row.builtin:
+        return "built-in"
+    if not row.in_kernel:
+        return "-"
+    held = "+".join(row.in_kernel)
+    return f"refuses {held}" if report.kernel_layer.active else f"would: {held}"
 
 
 def _dry_cell(dry: DryRun | None, module: str, expected: bool = True) -> str:
@@ -66,6 +79,7 @@ def cells(row: Row, report: Report) -> tuple[str, ...]:
         row.module,
         row.rule,
         _kernel_cell(row, report),
+        _kernel_layer_cell(row, report),
         "built-in" if row.builtin else _dry_cell(row.dry, row.module, row.expect_modprobe),
         _yes_no(row.loaded),
         _image_cell(row),
@@ -117,6 +131,8 @@ def _header(report: Report) -> list[str]:
         f"policy {policy.hash[:12] or '-'} (mode {policy.mode}, {len(policy.files)} file(s)),"
         f" kernel {report.release}, root {report.root}",
         f"kernel.modprobe: {where}",
+        f"kernel layer: {report.kernel_layer.word}: {report.kernel_layer.reason}"
+        + ("" if report.kernel_layer.active else " (KERNEL LAYER shows what it would refuse)"),
         f"modprobe: {report.modprobe} -n -v, config " + " ".join(report.config_dirs),
         f"initramfs: {image_line}",
         "",
@@ -137,6 +153,10 @@ def row_json(row: Row, report: Report) -> dict[str, object]:
             s for s, on in (("kernel", row.expect_kernel), ("udev", row.expect_modprobe)) if on
         ],
         "kernel_request": _kernel_cell(row, report),
+        "kernel_layer": {
+            "holds": list(row.in_kernel),
+            "enforcing": bool(row.in_kernel) and bool(report.kernel_layer.active),
+        },
         "modprobe": {"refused": row.dry.refuses(row.module), **(_dry_json(row.dry) or {})},
         "loaded": row.loaded,
         "builtin": row.builtin,
@@ -170,6 +190,11 @@ def to_json(report: Report) -> dict[str, object]:
             "snapshot_mode": kernel.snapshot_mode,
         },
         "modprobe": {"path": report.modprobe, "config_dirs": list(report.config_dirs)},
+        "kernel_layer": {
+            "state": report.kernel_layer.word,
+            "active": report.kernel_layer.active,
+            "reason": report.kernel_layer.reason,
+        },
         "rendered_policy_hash": report.rendered_hash,
         "initramfs": {
             "path": image.path,

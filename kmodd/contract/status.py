@@ -96,6 +96,16 @@ LAYERS = ("kernel", "helper", "modprobe_d", "udev")
 Layers = dict[str, LayerState]
 
 
+class KernelRuleInfo(TypedDict):
+    """What the kernel layer (BPF LSM) holds of one deny rule (policy.kernelcov)."""
+
+    holds: bool  # it refuses some of the rule's denies (requests or files) when active
+    enforcing: bool  # holds, and the kernel layer is active now
+    requests: bool  # the rule's kernel requests of the table's names, decided in-kernel
+    files: list[str]  # modules whose files kernel_read_file refuses for this rule
+    leaves: list[str]  # what the kernel layer cannot hold of it
+
+
 class RuleCoverageInfo(TypedDict):
     """Which layers hold one deny rule (kmodd.policy.coverage.RuleCoverage)."""
 
@@ -105,6 +115,7 @@ class RuleCoverageInfo(TypedDict):
     enforced: bool  # some layer holds it and nothing is left open
     gaps: list[str]  # what is not enforced and why, one sentence each
     remedy: str | None
+    kernel: KernelRuleInfo | None  # None: computed without the kernel layer's reading
 
 
 class InitramfsInfo(TypedDict):

@@ -22,23 +22,22 @@ what the policy decides from facts the kernel does not take.  So:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kmodd.bpf.layer import Tables, denied_files
-from kmodd.bpf.layout import CONDS_MAX, NO_RULE, UID_MAX, Condition, Mode, NameRules, Verdict
+from kmodd.bpf.layout import CONDS_MAX, NO_RULE, Condition, Mode, NameRules, Verdict
 from kmodd.daemon.generation import Generation
 from kmodd.kmod.model import Resolution
 from kmodd.policy import compiler, engine
-from kmodd.policy.engine import CompiledPolicy, Decision, Request
+from kmodd.policy.engine import Decision, Request
+from kmodd.policy.kernelcov import uid_pieces  # shared with coverage: one reading
 from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.types import Mode as PolicyMode
 from kmodd.policy.types import Source
 from kmodd.policy.types import Verdict as PolicyVerdict
 
-INTERVALS_MAX = 4 * CONDS_MAX  # uid pieces decided per name; more: the helper decides
 COMPRESSED = (".ko.xz", ".ko.zst", ".ko.gz")
 
 
@@ -50,24 +49,6 @@ class Compiled:
     # Normalized request names the program decides for the exact requester: a request of
     # one of them that reaches the helper was allowed in-kernel for whoever asked.
     domain: frozenset[str] = frozenset()
-
-
-def uid_pieces(policy: CompiledPolicy) -> list[tuple[int, int]] | None:
-    """The uid ranges on which every requester rule is constant, or None when some
-    requester key tests more than the real uid (or there are too many pieces)."""
-    cuts = {0, 1, UID_MAX + 1}
-    for rule in policy.rules:
-        m = rule.requester
-        if m is None:
-            continue
-        if not m.in_kernel:
-            return None
-        for uid in m.uids or ():
-            if 0 <= uid <= UID_MAX:
-                cuts.update((uid, uid + 1))
-    points = sorted(cuts)
-    pieces = [(lo, hi - 1) for lo, hi in itertools.pairwise(points)]
-    return pieces if len(pieces) <= INTERVALS_MAX else None
 
 
 def _facts(uid: int) -> RequesterFacts:

@@ -14,6 +14,7 @@ from kmodd.contract.status import (
     GenerationInfo,
     InitramfsInfo,
     KernelModprobe,
+    KernelRuleInfo,
     Layers,
     LayerState,
     LoadedDenied,
@@ -25,6 +26,7 @@ from kmodd.contract.status import (
 )
 from kmodd.daemon.generation import Conflict
 from kmodd.daemon.view import CoreView
+from kmodd.policy.coverage import KernelCoverage, Layer
 from kmodd.policy.types import Mode, Source, Verdict
 
 LOADED_MAX = 4096  # /proc/modules lines considered
@@ -224,17 +226,37 @@ def coverage(core: CoreView) -> list[RuleCoverageInfo]:
     if gen is None:
         return []
     order = {name: i for i, name in enumerate((*LAYERS, "cmdline"))}
-    return [
-        RuleCoverageInfo(
-            rule=c.rule,
-            location=c.location,
-            layers=sorted((str(layer) for layer in c.layers), key=lambda n: order.get(n, 99)),
-            enforced=c.enforced,
-            gaps=list(c.gaps),
-            remedy=c.remedy,
+    active = _kernel_layer(core)["active"]
+    out = []
+    for c in gen.coverage:
+        layers = set(c.layers)
+        holds = c.kernel is not None and c.kernel.holds
+        if holds and active:  # computed at build without it: the layer is a runtime fact
+            layers.add(Layer.KERNEL)
+        out.append(
+            RuleCoverageInfo(
+                rule=c.rule,
+                location=c.location,
+                layers=sorted((str(layer) for layer in layers), key=lambda n: order.get(n, 99)),
+                enforced=c.enforced,
+                gaps=list(c.gaps),
+                remedy=c.remedy,
+                kernel=_kernel_rule(c.kernel, active),
+            )
         )
-        for c in gen.coverage
-    ]
+    return out
+
+
+def _kernel_rule(k: KernelCoverage | None, active: bool) -> KernelRuleInfo | None:
+    if k is None:
+        return None
+    return KernelRuleInfo(
+        holds=k.holds,
+        enforcing=k.holds and active,
+        requests=k.requests,
+        files=list(k.files),
+        leaves=list(k.leaves),
+    )
 
 
 def initramfs(core: CoreView) -> InitramfsInfo | None:

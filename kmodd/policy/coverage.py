@@ -10,7 +10,11 @@ can enforce"):
   + `blacklist NAME`).  udev's kmod builtin, systemd-modules-load, an admin's modprobe
   and the real modprobe the helper runs all read it.  It knows module names and exact
   request names only: no source, class, requester or request glob.
-- `kernel`: the BPF LSM program (branch bpf), only when the caller says it is active.
+- `kernel`: the BPF LSM program (kmodd/bpf): request names of the tree's table decided
+  in-kernel, and the files of denied modules refused by identity (kmodd.policy.kernelcov
+  says which).  Listed in `layers` only when the caller says it is active (detection, or
+  the daemon's status); `RuleCoverage.kernel` says what it holds either way, so offline
+  it reads "would enforce if active".
 - `cmdline`: `module_blacklist=` / `initcall_blacklist=` (`kmodctl cmdline`); never
   reported as active here (kmodd cannot tell what the next boot's command line holds),
   only offered as the remedy.
@@ -31,6 +35,13 @@ from typing import Protocol
 from kmodd.helper import normalize
 from kmodd.policy import compiler
 from kmodd.policy.engine import CompiledPolicy, CompiledRule, Decision, Request, decide
+from kmodd.policy.kernelcov import (
+    KernelCoverage,
+    blocking_rule,
+    holds_decision,
+    kernel_coverage,
+    table_names,
+)
 from kmodd.policy.types import Mode, Source, Verdict
 
 
@@ -56,6 +67,7 @@ class RuleCoverage:
     unheld: tuple[str, ...] = ()  # modules it denies for some udev/cli loads, not held
     overblocks: tuple[str, ...] = ()  # rendered for udev/cli only: kernel requests too
     snapshot_gap: bool = False  # with the daemon down, the helper cannot hold it all
+    kernel: KernelCoverage | None = None  # the kernel layer's share, active or not
 
     @property
     def enforced(self) -> bool:
@@ -101,6 +113,7 @@ class _Generation:
     snapshot_rules: frozenset[str]  # request-glob deny rules the snapshot carries
     kernel_active: bool
     remedy: RemedyFn
+    blocker: str | None  # the rule that keeps every request name out of the kernel table
 
     @classmethod
     def of(
@@ -113,8 +126,17 @@ class _Generation:
         carried = frozenset(r.info.id for r in compiler.kernel_request_denies(policy))
         return cls(
             policy, tree, walks, rendered, frozenset(tree.builtin_names()), requests, reach,
-            carried, kernel_active, remedy,
+            carried, kernel_active, remedy, blocking_rule(policy),
         )  # fmt: skip
+
+    def kernel(self, rule: CompiledRule, mine: Iterable[str]) -> KernelCoverage:
+        return kernel_coverage(
+            rule,
+            in_kernel=self.blocker is None,
+            mine=tuple(mine),
+            builtins=self.builtins,
+            blocker=self.blocker,
+        )
 
 
 def rule_coverage(
@@ -181,12 +203,12 @@ def _unheld(gen: _Generation, index: int, subjects: Iterable[str]) -> tuple[str,
     return tuple(out)
 
 
-def _layers(gen: _Generation, rule: CompiledRule, held: bool) -> set[Layer]:
+def _layers(gen: _Generation, rule: CompiledRule, held: bool, kernel: KernelCoverage) -> set[Layer]:
     layers = set()
     if rule.sources is None or Source.KERNEL in rule.sources:
         layers.add(Layer.HELPER)
-        if gen.kernel_active:
-            layers.add(Layer.KERNEL)
+    if gen.kernel_active and kernel.holds:
+        layers.add(Layer.KERNEL)
     if held:
         layers.add(Layer.MODPROBE_D)
     return layers
@@ -205,18 +227,20 @@ def _one(gen: _Generation, index: int) -> RuleCoverage:
     )
     unheld = _unheld(gen, index, subjects) if _libkmod(rule) else ()
     over = mine if rule.sources is not None and Source.KERNEL not in rule.sources else ()
-    kernel = rule.sources is None or Source.KERNEL in rule.sources
-    snap = kernel and (
+    from_kernel = rule.sources is None or Source.KERNEL in rule.sources
+    snap = from_kernel and (
         rule.requester is not None
         or (rule.modules is None and bool(rule.requests and rule.requests.globs)
             and rid not in gen.snapshot_rules)
     )  # fmt: skip
     gaps = _gaps(rule, unheld=unheld, built=built, over=over, names=names, snapshot=snap)
     fix = gen.remedy(built, unheld) if built or unheld else None
-    layers = _layers(gen, rule, bool(mine or names))
+    in_kernel = gen.kernel(rule, (*mine, *built))
+    layers = _layers(gen, rule, bool(mine or names), in_kernel)
     return RuleCoverage(
-        rid, frozenset(layers), gaps, fix, rule.info.location, mine, built, unheld, over, snap
-    )
+        rid, frozenset(layers), gaps, fix, rule.info.location, mine, built, unheld, over, snap,
+        in_kernel,
+    )  # fmt: skip
 
 
 def _gaps(
@@ -249,8 +273,9 @@ def _gaps(
         )
     if rule.requester is not None:
         gaps.append(
-            "requester rule: only kernel autoloads the daemon attributes are matched; with "
-            "the daemon down the helper cannot tell the requester and the rule does not apply"
+            "requester rule: decided for the exact requester in-kernel when the kernel layer "
+            "is active (uid, unprivileged, user namespace; never gid/unit/container keys); "
+            "otherwise by unknown_requester, in the daemon and the helper's snapshot alike"
         )
     elif snapshot:
         gaps.append(
@@ -262,15 +287,15 @@ def _gaps(
 
 
 def _default(gen: _Generation) -> RuleCoverage:
-    layers = _layers(gen, CompiledRule(gen.policy.default_info, None, None, None, None), False)
+    rule = CompiledRule(gen.policy.default_info, None, None, None, None)
     mine = tuple(m for m, r in gen.rendered.items() if r == "default")
-    if mine:
-        layers.add(Layer.MODPROBE_D)
     built = tuple(
         m
         for m, w in gen.walks.items()
         if m in gen.builtins and w.rule == "default" and w.verdict is Verdict.DENY
     )
+    kernel = gen.kernel(rule, (*mine, *built))
+    layers = _layers(gen, rule, bool(mine), kernel)
     unheld = _unheld(gen, len(gen.policy.rules), gen.walks)
     gaps = []
     if unheld:
@@ -281,7 +306,9 @@ def _default(gen: _Generation) -> RuleCoverage:
     if built:
         gaps.append(f"built into the kernel: {_few(built)}; no module layer can stop it")
     fix = gen.remedy(built, unheld) if built or unheld else None
-    return RuleCoverage("default", frozenset(layers), tuple(gaps), fix, None, mine, built, unheld)
+    return RuleCoverage(
+        "default", frozenset(layers), tuple(gaps), fix, None, mine, built, unheld, kernel=kernel
+    )
 
 
 def _few(names: Iterable[str], limit: int = 5) -> str:
@@ -297,12 +324,16 @@ def enforcing_layers(
     rendered: Collection[str] = (),
     builtins: Collection[str] = (),
     kernel_active: bool = False,
+    kernel_names: Collection[str] | None = None,
+    kernel_in_table: bool = True,
 ) -> frozenset[Layer]:
     """The layers that make DECISION hold for a request from SOURCE.
 
     RENDERED: modules (and exact request names) of the current 00-kmodd.conf
     (Generation.denied_modules); BUILTINS: the tree's built-in modules.  An allow, a
-    permissive/learn decision or a deny of built-in code is enforced by nothing."""
+    permissive/learn decision or a deny of built-in code is enforced by nothing.
+    KERNEL_NAMES: the kernel layer's table names (kernelcov.table_names; None: every
+    kernel request counts), KERNEL_IN_TABLE: the generation decides names in-kernel."""
     if decision.verdict is not Verdict.DENY or decision.mode is not Mode.ENFORCE:
         return frozenset()
     module = decision.module
@@ -311,12 +342,30 @@ def enforcing_layers(
     layers: set[Layer] = set()
     if source is Source.KERNEL:
         layers.add(Layer.HELPER)
-        if kernel_active:
-            layers.add(Layer.KERNEL)
+    if kernel_active and _kernel_holds(
+        decision, source, rendered, kernel_names, in_table=kernel_in_table
+    ):
+        layers.add(Layer.KERNEL)
     held = (module is not None and module in rendered) or (normalize(decision.request) in rendered)
     if held:
         layers.add(Layer.MODPROBE_D)
     return frozenset(layers)
+
+
+def _kernel_holds(
+    decision: Decision,
+    source: Source,
+    rendered: Collection[str],
+    names: Collection[str] | None,
+    *,
+    in_table: bool,
+) -> bool:
+    if names is None:
+        return source is Source.KERNEL
+    module = decision.module
+    return holds_decision(
+        source, decision.request, module, names=names, in_kernel=in_table, files=rendered
+    )
 
 
 def not_enforced_reason(
@@ -350,6 +399,7 @@ def check(policy: CompiledPolicy, tree: CoverageTree, **kwargs: bool) -> list[st
 
 __all__ = [
     "CoverageTree",
+    "KernelCoverage",
     "Layer",
     "Request",
     "RuleCoverage",
@@ -358,4 +408,5 @@ __all__ = [
     "not_enforced_reason",
     "rendered_modules",
     "rule_coverage",
+    "table_names",
 ]

@@ -66,3 +66,5 @@ def test_quick_bench_prints_every_figure(kernel_tree: KernelTree) -> None:
         if line.startswith(("storm_errors", "daemon_errors"))
     }
     assert errors == {"storm_errors: 0 [goal <= 0: met]", "daemon_errors: 0 [goal <= 0: met]"}
+    # --quick never boots the VM (the kernel layer's figures: bench.kernel_vm, make bench)
+    assert "# vm: skipped (--quick or --no-vm)" in proc.stdout

@@ -21,6 +21,7 @@ from kmodd.contract.status import (
     GenerationInfo,
     InitramfsInfo,
     KernelModprobe,
+    KernelRuleInfo,
     LastGoodInfo,
     LayerState,
     LoadedDenied,
@@ -139,6 +140,9 @@ def status_doc(**over: Any) -> StatusDocument:
                 enforced=True,
                 gaps=[],
                 remedy=None,
+                kernel=KernelRuleInfo(
+                    holds=True, enforcing=False, requests=True, files=["algif_aead"], leaves=[]
+                ),
             ),
             RuleCoverageInfo(
                 rule="no-zswap",
@@ -147,6 +151,7 @@ def status_doc(**over: Any) -> StatusDocument:
                 enforced=False,
                 gaps=["built into the kernel: zswap"],
                 remedy="add initcall_blacklist=zswap_init",
+                kernel=None,
             ),
         ],
         initramfs=InitramfsInfo(
@@ -180,7 +185,7 @@ def test_render_status_says_what_matters() -> None:
     assert "  modprobe_d  INACTIVE: mode permissive: nothing rendered" in text
     assert "  udev        active: uevent monitor running (udev events)" in text
     assert "coverage:    2 deny rule(s), 1 not fully enforced" in text
-    assert "  copy-fail  helper modprobe_d\n" in text
+    assert "  copy-fail  helper modprobe_d  (kernel layer: would hold it if active)\n" in text
     assert "  no-zswap   helper  (gaps)\n    not enforced: built into the kernel: zswap" in text
     assert "    remedy: add initcall_blacklist=zswap_init" in text
     assert "PREDATES THE POLICY (it has efefefefefef, the policy is cdcdcdcdcdcd)" in text

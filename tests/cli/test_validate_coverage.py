@@ -82,9 +82,20 @@ def test_json_carries_warnings_and_coverage(
     assert code == 0 and doc["valid"] is True
     assert [w["line"] for w in doc["warnings"]] == [6, 9]
     rules = {r["rule"]: r for r in doc["coverage"]["rules"]}
-    assert rules["kernel-coda"] == {"rule": "kernel-coda", "layers": ["helper"],
-                                    "enforced": True, "gaps": [], "remedy": None}  # fmt: skip
+    coda = rules["kernel-coda"]
+    assert coda.pop("kernel") == {
+        "holds": True,  # offline: listed in no layer, but it would decide coda's requests
+        "requests": True,
+        "files": [],  # source kernel only: not rendered, so its file is not refused
+        "leaves": ["names outside the tree's table (wildcard modaliases, unknown names) "
+                   "pass to the helper"],
+    }  # fmt: skip
+    assert coda == {"rule": "kernel-coda", "layers": ["helper"],
+                    "enforced": True, "gaps": [], "remedy": None}  # fmt: skip
     assert rules["builtin-zswap"]["enforced"] is False
+    assert rules["hfs-by-class"]["kernel"]["files"] == []  # class keys: never rendered
+    kernel = rules["builtin-zswap"]["kernel"]
+    assert kernel["files"] == [] and "built into the kernel: zswap" in kernel["leaves"][-1]
 
 
 def test_explain_names_the_layers_and_the_gap(

@@ -190,6 +190,8 @@ def test_text_table_names_every_column(
         "RULE",
         "KERNEL",
         "REQUEST",
+        "KERNEL",
+        "LAYER",
         "MODPROBE",
         "LOADED",
         "INITRAMFS",
@@ -198,6 +200,10 @@ def test_text_table_names_every_column(
         "ENFORCED",
     ]
     assert "1 denied module(s): 1 enforced, 0 not enforced" in out
+    # offline root: the kernel layer is not asked, it would refuse the request and the file
+    assert "kernel layer: offline: root " in out
+    row = next(ln for ln in out.splitlines() if ln.startswith("algif_aead"))
+    assert "would: request+file" in row
     assert "initramfs not checked: no initramfs" in out
 
 

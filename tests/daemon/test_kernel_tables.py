@@ -11,8 +11,9 @@ import pytest
 
 from kmodd.bpf.layout import NO_RULE, UID_MAX, Condition, FileIdentity, Mode, NameRules, Verdict
 from kmodd.daemon.generation import BuildOptions, Generation, build_generation
-from kmodd.daemon.kernel_tables import compile_tables, load_data_verdict, uid_pieces
+from kmodd.daemon.kernel_tables import compile_tables, load_data_verdict
 from kmodd.paths import make_paths
+from kmodd.policy.kernelcov import uid_pieces
 from kmodd.policy.requester import RequesterFacts
 from kmodd.policy.types import Source
 from kmodd.policy.types import Verdict as PolicyVerdict

@@ -1,10 +1,12 @@
 """`make demo`: boot Debian's kernel with kmodd as its modprobe helper and show decisions.
 
 One boot (tests/vm/scenarios.py, plan `demo`): the files `kmodctl install` writes, the
-sysctl drop-in pointing kernel.modprobe at the helper, a journald and the daemon with the
-shipped baseline; then a few autoloads, allowed and denied, one from an unprivileged user,
-and a root `modprobe` of a denied module.  Prints what was asked, what kmodd decided and
-why, what the kernel did, the journal lines and `kmodctl status`.
+sysctl drop-in pointing kernel.modprobe at the helper, a journald and the daemon with its
+kernel layer (BPF LSM) and the shipped baseline; then autoloads, allowed and denied (one
+from an unprivileged user), a root `modprobe` and an `insmod` by path of a denied module.
+For every ask: which layer decided (the kernel layer, the helper, modprobe.d), how often the
+helper ran (the daemon's count of its queries), what kmodd decided and why, what the kernel
+did; then the journal lines and `kmodctl status`.
 """
 
 from __future__ import annotations
@@ -38,22 +40,54 @@ def progress(line: str) -> None:
 def syscall_text(outcome: dict[str, Any]) -> str:
     if outcome.get("ok"):
         return "succeeded"
-    if "errno" in outcome:
+    if "errno" in outcome:  # a syscall's errno, or a command's stderr below
         code = outcome["errno"]
         return f"failed: {errno.errorcode.get(code, code)} ({code})"
-    return f"failed: {outcome.get('stderr') or outcome}"
+    return f"failed: {outcome.get('stderr') or outcome}"  # insmod: "Operation not permitted"
 
 
-def decision_text(records: list[dict[str, Any]], request: str | None) -> list[str]:
-    found = [
+def _kmodd(records: list[dict[str, Any]], request: str) -> list[dict[str, Any]]:
+    return [
         r
         for r in records
         if r.get("SYSLOG_IDENTIFIER") == "kmodd" and r.get("KMODD_REQUEST") == request
     ]
+
+
+def helper_runs(ask: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """How often the helper ran for ASK's request (the daemon journals each of its
+    queries; an in-kernel refusal is journaled as `in-kernel: ...` and ran no helper),
+    and how many helper queries the daemon counted during the whole step."""
+    mine = [r for r in _kmodd(records, ask["request"]) if r.get("KMODD_LAYERS") != "kernel"]
+    total = ask.get("helper_runs")
+    during = "?" if total is None else str(total)
+    return f"helper runs for it: {len(mine)}, during the step: {during}"
+
+
+def decided_by(ask: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """Which layer decided ASK, from the journal and the helper-run count."""
+    request = ask["request"]
+    ran = helper_runs(ask, records) if request is not None else ""
     if request is None:
-        found = []
+        if ask["what"].startswith("insmod"):
+            hit = any("kernel layer refused loading" in str(r.get("MESSAGE")) for r in records)
+            return (
+                "kernel layer (BPF LSM kernel_read_file: the file's identity is denied)"
+                if hit and not ask["syscall"].get("ok")
+                else "no layer refused it"
+            )
+        return "modprobe.d (00-kmodd.conf: kmod runs the deny stub; no kernel request)"
+    found = _kmodd(records, request)
+    if any(r.get("KMODD_LAYERS") == "kernel" for r in found):
+        return f"kernel layer (BPF LSM kernel_module_request, before any helper)\n         {ran}"
+    if found:
+        return f"the helper (kmodd-modprobe asked the daemon)\n         {ran}"
+    return f"no kmodd record ({ran})"
+
+
+def decision_text(records: list[dict[str, Any]], request: str | None) -> list[str]:
     lines = []
-    for r in found:
+    for r in [] if request is None else _kmodd(records, request):
         lines.append(
             f"kmodd:   {r.get('KMODD_VERDICT', '?').upper()} by rule "
             f"{r.get('KMODD_RULE')} (mode {r.get('KMODD_MODE')}, "
@@ -61,7 +95,7 @@ def decision_text(records: list[dict[str, Any]], request: str | None) -> list[st
         )
         lines.append(f"         load set: {r.get('KMODD_MODULES', '')}")
         lines.append(f"         why: {r.get('KMODD_REASON', '')}")
-    return lines or ["kmodd:   (no daemon decision: kmod itself ran the deny stub)"]
+    return lines
 
 
 def show_asks(data: dict[str, Any]) -> None:
@@ -70,13 +104,17 @@ def show_asks(data: dict[str, Any]) -> None:
     for ask in data["asks"]:
         rule(f"{ask['who']}: {ask['what']}")
         if ask["request"]:
-            say(f'kernel:  request_module("{ask["request"]}") -> exec kmodd-modprobe')
+            say(f'kernel:  request_module("{ask["request"]}")')
+        say(f"decided: {decided_by(ask, records)}")
         for line in decision_text(records, ask["request"]):
             say(line)
-        say(f"result:  {syscall_text(ask['syscall'])}")
+        say(f"result:  {syscall_text(ask['syscall'])}  ({ask.get('took_s', '?')} s)")
     rule("what the kernel has loaded now (of the modules asked for)")
     for name in ("af_key", "xfrm_algo", "algif_aead", "hfsplus"):
         say(f"  {name:12} {'loaded' if name in modules else 'not loaded'}")
+    rule("layers (kmodctl status --json: layers)")
+    for name, state in (data.get("layers") or {}).items():
+        say(f"  {name:10} {'active' if state['active'] else 'INACTIVE'}: {state['reason']}")
 
 
 def show_journal(records: list[dict[str, Any]]) -> None:
@@ -100,6 +138,7 @@ def report(run: VMResult) -> int:
     rule("set-up inside the VM")
     say(f"kernel.modprobe = {data['kernel_modprobe']}  (sysctl drop-in from kmodctl install)")
     say(f"kmodd ready after {data['start_s']} s with the shipped baseline policy")
+    say(f"the asks below took {demo['data'].get('steps_s', '?')} s (TCG guest)")
     show_asks(demo["data"])
     show_journal(demo["data"]["journal"])
     rule("kmodctl status")

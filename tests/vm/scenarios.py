@@ -214,55 +214,82 @@ def s7_permissive(guest: Guest) -> dict[str, Any]:
 
 
 # -- demo -----------------------------------------------------------------------------------
+# make demo: every ask says which layer decided.  Helper runs are the daemon's own count of
+# the helper's decide queries (status decisions.sources.kernel): a request refused in-kernel
+# never execs the helper, so that count does not move.
+def helper_queries(guest: Guest) -> int | None:
+    doc = guest.status().get("json") or {}
+    return int(doc.get("decisions", {}).get("sources", {}).get("kernel", 0)) if doc else None
+
+
+def _ask(guest: Guest, who: str, what: str, request: str | None, act: Callable[[], Any]) -> Any:
+    before = helper_queries(guest)
+    since, started = now_us(), time.monotonic()
+    outcome = act()
+    took = time.monotonic() - started
+    if request is not None:  # the daemon's record, so its count is settled
+        wait_records(since, request_is(request))
+    after = helper_queries(guest)
+    runs = None if before is None or after is None else after - before
+    return {"who": who, "what": what, "request": request, "syscall": outcome,
+            "helper_runs": runs, "took_s": round(took, 2)}  # fmt: skip
+
+
+def _run_ok(argv: list[str]) -> dict[str, Any]:
+    res = run(argv)
+    return {"ok": res["rc"] == 0, "rc": res["rc"], "stderr": res["stderr"].strip()}
+
+
+def demo_setup(guest: Guest) -> dict[str, Any]:
+    """The daemon with its kernel layer on (as kmodd.service runs it): bpffs mounted as
+    systemd's sys-fs-bpf.mount does, then the usual set-up."""
+    guest.daemon_args = []
+    if " /sys/fs/bpf bpf " not in Path("/proc/mounts").read_text():
+        run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"])
+    return setup(guest, site=False)
+
+
 def demo_run(guest: Guest) -> dict[str, Any]:
-    """What make demo shows: a few autoloads, then the journal and kmodctl status."""
+    """What make demo shows: autoloads allowed and denied (in-kernel and by the helper),
+    modprobe and insmod of a denied module, then the journal and kmodctl status."""
     since = now_us()
-    asks: list[dict[str, Any]] = []
-    asks.append(
-        {
-            "who": "root",
-            "what": "socket(AF_KEY, SOCK_RAW, PF_KEY_V2)",
-            "request": "net-pf-15",
-            "syscall": trigger.open_socket(trigger.AF_KEY, socket.SOCK_RAW, trigger.PF_KEY_V2),
-        }
-    )
-    nobody = as_nobody("alg:aead:gcm(aes)")
-    asks.append(
-        {
-            "who": "nobody (uid 65534)",
-            "what": "socket(AF_ALG) + bind('aead')",
-            "request": "algif-aead",
-            "syscall": (nobody["ran"] or {"outcomes": [{}]})["outcomes"][0],
-        }
-    )
-    mounted = mount_fs("hfsplus")
-    asks.append(
-        {
-            "who": "root",
-            "what": "mount -t hfsplus",
-            "request": "fs-hfsplus",
-            "syscall": {"ok": mounted["rc"] == 0, "stderr": mounted["stderr"].strip()},
-        }
-    )
-    probe = run(["modprobe", "algif_aead"])
-    asks.append(
-        {
-            "who": "root",
-            "what": "modprobe algif_aead (layer 2)",
-            "request": None,
-            "syscall": {"ok": probe["rc"] == 0, "stderr": probe["stderr"].strip()},
-        }
-    )
+    started = time.monotonic()
+    release = Path("/proc/sys/kernel/osrelease").read_text().strip()
+    ko = f"/lib/modules/{release}/kernel/crypto/algif_aead.ko"
+
+    def nobody_alg() -> Any:
+        ran = as_nobody("alg:aead:gcm(aes)")["ran"] or {"outcomes": [{}]}
+        return ran["outcomes"][0]
+
+    asks = [
+        _ask(guest, "root", "socket(AF_KEY, SOCK_RAW, PF_KEY_V2)", "net-pf-15",
+             lambda: trigger.open_socket(trigger.AF_KEY, socket.SOCK_RAW, trigger.PF_KEY_V2)),
+        _ask(guest, "nobody (uid 65534)", "socket(AF_ALG) + bind('aead')", "algif-aead",
+             nobody_alg),
+        _ask(guest, "root", "mount -t hfsplus", "fs-hfsplus",
+             lambda: _run_ok(["mount", "-t", "hfsplus", "/dev/null", _mnt()])),
+        _ask(guest, "root", "modprobe algif_aead", None,
+             lambda: _run_ok(["modprobe", "algif_aead"])),
+        _ask(guest, "root", f"insmod {ko}", None, lambda: _run_ok(["insmod", ko])),
+    ]  # fmt: skip
     for name in ("net-pf-15", "algif-aead", "fs-hfsplus"):
         wait_records(since, request_is(name))
-    wait_records(since, lambda r: r.get("SYSLOG_IDENTIFIER") == "kmodd-modprobe")
+    wait_records(since, lambda r: "kernel layer refused loading" in str(r.get("MESSAGE")))
+    steps_s = round(time.monotonic() - started, 1)
     status = run([str(REPO / ".venv/bin/kmodctl"), "status"])
     return {
         "asks": asks,
+        "steps_s": steps_s,
         "modules": loaded_modules(),
         "journal": journal(since),
+        "layers": (guest.status().get("json") or {}).get("layers"),
         "status_text": status["stdout"] + status["stderr"],
     }
+
+
+def _mnt() -> str:
+    Path(MNT).mkdir(parents=True, exist_ok=True)
+    return MNT
 
 
 def main_plan() -> tuple[Guest, list[tuple[str, Step]]]:
@@ -286,7 +313,7 @@ def permissive_plan() -> tuple[Guest, list[tuple[str, Step]]]:
 
 
 def demo_plan() -> tuple[Guest, list[tuple[str, Step]]]:
-    return Guest(), [("setup", lambda g: setup(g, site=False)), ("demo", demo_run)]
+    return Guest(), [("setup", demo_setup), ("demo", demo_run)]
 
 
 def enforce_plan() -> tuple[Guest, list[tuple[str, Step]]]:
