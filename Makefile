@@ -4,8 +4,8 @@
 PYTHON      ?= /usr/bin/python3
 VENV        := .venv
 VPY         := $(VENV)/bin/python
-# apt packages: kmod is the oracle (modprobe/depmod) and libkmod; libsystemd-dev,
-# pkg-config, gcc and python3-dev build systemd-python; qemu runs the real kernel;
+# apt packages: kmod is the oracle (modprobe/depmod) and libkmod; no C compiler for Python
+# (every dependency is a wheel: tests/test_packaging.py); qemu runs the real kernel;
 # udev/systemd give the real udevd and journald the runtime tests talk to; virtme-ng
 # reads the kernel release of a vmlinuz with file(1); initramfs-tools (mkinitramfs,
 # lsinitramfs, unmkinitramfs), zstd and cpio build and read real initramfs images for the
@@ -13,7 +13,7 @@ VPY         := $(VENV)/bin/python
 # (bpf_helpers.h) build the kernel layer's BPF object, libbpf1 loads it;
 # systemd-journal-remote (~100 KB) is the fleet collector pair (journal-remote/-upload)
 # that tests/cli/test_fleet.py runs on loopback (~6 s).
-APT_PACKAGES := kmod libkmod2 libsystemd-dev pkg-config gcc python3-dev python3-venv \
+APT_PACKAGES := kmod libkmod2 python3-venv \
                 qemu-system-x86 udev systemd util-linux procps psmisc busybox-static \
                 ca-certificates file initramfs-tools zstd cpio \
                 clang libbpf-dev libbpf1 systemd-journal-remote
@@ -23,13 +23,15 @@ APT_PACKAGES := kmod libkmod2 libsystemd-dev pkg-config gcc python3-dev python3-
 BPF_OBJ     := kmodd/bpf/kmodd.bpf.o
 BPF_CFLAGS  := -O2 -g -Wall -Werror -target bpf -I/usr/include/$(shell uname -m)-linux-gnu
 
-.PHONY: help apt venv bpf kernel-tree promtool trixie-chroot test test-fast lint demo bench clean
+.PHONY: help apt apt-list venv bpf kernel-tree promtool trixie-chroot test test-fast test-debian13 \
+        lint demo bench clean
 
 help:
 	@echo "make test         install everything, then run the whole suite (what CI runs)"
 	@echo "make demo         boot a real kernel with kmodd as its modprobe helper"
 	@echo "make bench        benchmarks against kmod, written to docs/benchmarks.md"
 	@echo "make test-fast    the suite without the VM and oracle tests"
+	@echo "make test-debian13  the suite in a Debian 13 tree (root; tools/test-debian13)"
 	@echo "make lint         ruff + mypy --strict"
 
 # Install missing apt packages (needs root).  dpkg-query keeps a warm machine fast.
@@ -41,6 +43,9 @@ apt:
 	    echo "apt: installing $$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+apt-list:
+	@echo $(APT_PACKAGES)
 
 $(VENV)/.stamp: pyproject.toml | apt
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +93,12 @@ test: venv kernel-tree promtool
 
 test-fast: venv promtool
 	$(VPY) -m pytest -p no:cacheprovider -m 'not vm and not oracle' $(PYTEST_ARGS)
+
+# The suite on Debian 13 (debootstrap trixie, pivot_root into it, make test inside; root;
+# cached tree): tools/test-debian13 says how and how long.  Not part of `make test`.
+DEBIAN13_ARGS ?= test
+test-debian13:
+	tools/test-debian13 $(DEBIAN13_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -27,8 +27,12 @@ def kernel_tree() -> KernelTree:
     """Debian's current kernel image, extracted and depmod'ed (tests/kerneltree.py).
 
     In CI (CI=true) a tree that cannot be built is a failure, never a skip.
+    KMODD_TEST_KERNEL=trixie runs the suite on Debian 13's tree instead (what `make test`
+    inside tools/test-debian13 gets), to reproduce a Debian 13 failure on Debian 12.
     """
     try:
+        if os.environ.get("KMODD_TEST_KERNEL") == "trixie":
+            return ensure_trixie_tree()
         return ensure_kernel_tree()
     except KernelTreeError as err:
         if IN_CI:

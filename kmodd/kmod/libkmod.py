@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+from pathlib import Path
 from typing import Any
 
 from kmodd.errors import KmoddError
@@ -180,6 +182,32 @@ def free_context(ctx: int) -> bool:
     """Drop our reference; True when the context was freed.  Every kmod_module holds a
     reference on its context, so False here means a module reference leaked."""
     return not lib().kmod_unref(ctx)
+
+
+_EOF_BYTE: bool | None = None
+
+
+def stores_eof_after_backslash() -> bool:
+    """Whether the loaded libkmod keeps getc()'s EOF as a byte 0xff when a config file ends
+    in a backslash (kmod 30, Debian 12: `alias a b\\` at EOF gives the value "b\\xff"; kmod
+    34, Debian 13, stops at EOF).  Probed once on a throwaway config (kmod_new parses the
+    config; no module index is needed), so explain's file:line reader follows whichever
+    libkmod this process runs on."""
+    global _EOF_BYTE  # noqa: PLW0603 -- one probe per process, ~1 ms
+    if _EOF_BYTE is None:
+        with tempfile.TemporaryDirectory(prefix="kmodd-probe-") as scratch:
+            conf = Path(scratch) / "probe.conf"
+            conf.write_bytes(b"alias kmodd-probe x\\")
+            paths = (_S * 2)(encode(str(conf)), None)
+            ctx = lib().kmod_new(encode(scratch), paths)
+            if not ctx:
+                raise LibkmodError("kmod_new failed on a probe config", hint="out of memory?")
+            try:
+                values = [v for _, v in config_items(int(ctx), "aliases")]
+            finally:
+                lib().kmod_unref(ctx)
+        _EOF_BYTE = values == ["x\udcff"]
+    return _EOF_BYTE
 
 
 def validate_resources(ctx: int) -> Resources:

@@ -10,7 +10,8 @@ A small reader of the modprobe.d dirs that follows kmod 30's rules exactly
 - a symlink to /dev/null reads as empty: it masks the same basename further down;
 - `modules.softdep` of the module dir joins the list under that basename;
 - lines: backslash-newline joins (the next line's indentation is kept), any other
-  backslash keeps only the next character; a line is a comment only if its first byte
+  backslash keeps only the next character (one ending the file adds byte 0xff in kmod 30,
+  nothing in kmod 34: probed on the loaded libkmod); a line is a comment only if its first byte
   is `#` (an indented `#` is a bad line kmod ignores); tokens split on space and tab;
 - names go through kmod's `underscores()`: '-' -> '_' outside [...], a stray ']' or an
   unclosed '[' rejects the line; options/install/remove/softdep keep the rest of the
@@ -33,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmodd.kmod import libkmod
 from kmodd.kmod.kcmdline import cmdline_lines, read_host_cmdline
 from kmodd.kmod.libkmod import fnmatch
 from kmodd.kmod.model import ConfigLine
@@ -90,8 +92,10 @@ def _entries(path: Path) -> Iterator[tuple[str, Path]]:
         yield name, path / name
 
 
-def logical_lines(data: str) -> Iterator[tuple[int, str]]:
-    """(first physical line number, joined text), as kmod's freadline_wrapped joins."""
+def logical_lines(data: str, *, eof_byte: bool = True) -> Iterator[tuple[int, str]]:
+    """(first physical line number, joined text), as kmod's freadline_wrapped joins.
+    EOF_BYTE: a backslash ending the file adds byte 0xff (kmod 30) or nothing (kmod 34);
+    libkmod.stores_eof_after_backslash() says which the loaded libkmod does."""
     buf: list[str] = []
     lineno = 1
     first = 1
@@ -110,8 +114,8 @@ def logical_lines(data: str) -> Iterator[tuple[int, str]]:
                     lineno += 1
                 else:
                     buf.append(data[i])
-            else:  # a dangling backslash at EOF: kmod 30 stores getc()'s EOF (-1) as 0xff
-                buf.append("\udcff")  # (os.fsdecode's spelling of byte 0xff)
+            elif eof_byte:  # a dangling backslash at EOF: kmod 30 stores getc()'s EOF
+                buf.append("\udcff")  # (-1) as 0xff (os.fsdecode's spelling of byte 0xff)
         else:
             buf.append(ch)
         i += 1
@@ -166,7 +170,8 @@ def read_file(path: Path) -> tuple[list[ConfigLine], list[BadLine]]:
         return lines, [BadLine(str(path), 0, f"cannot read: {err.strerror}")]
     if len(data) > MAX_FILE_BYTES:
         return lines, [BadLine(str(path), 0, f"larger than {MAX_FILE_BYTES} bytes: not read")]
-    for lineno, text in logical_lines(os.fsdecode(data)):
+    eof_byte = libkmod.stores_eof_after_backslash()
+    for lineno, text in logical_lines(os.fsdecode(data), eof_byte=eof_byte):
         # kmod parses each line as a C string: whatever follows a NUL byte is not there.
         parsed = parse_line(str(path), lineno, text.partition("\0")[0])
         if isinstance(parsed, ConfigLine):

@@ -63,7 +63,7 @@ def modprobe_d_modules(tree: KernelTree, name: str) -> list[str]:
             "-q",
             "-D",
             "-d",
-            str(tree.root),
+            str(tree.dirname),  # ROOT, or ROOT/usr for Debian 13's merged-/usr tree
             "-S",
             tree.release,
             "-C",

@@ -20,9 +20,9 @@ rules:
   - id: kernel-coda
     action: deny
     match: {module: [coda], source: [kernel]}
-  - id: builtin-zswap
+  - id: builtin-bsg
     action: deny
-    match: {module: [zswap]}
+    match: {module: [bsg]}
   - id: hfs-by-class
     action: deny
     match: {module: [hfs], class: [filesystem]}
@@ -51,11 +51,11 @@ def test_warnings_are_located_and_name_the_remedy(
     code, out, err = run(capsys, "--root", str(kernel_tree.root), "validate", str(path))
     assert code == 0
     found = {m["rule"]: m for m in map(WARNING.match, err.splitlines()) if m}
-    assert set(found) == {"builtin-zswap", "hfs-by-class"}  # kernel-coda: the helper holds it
-    assert (found["builtin-zswap"]["line"], found["builtin-zswap"]["col"]) == ("6", "5")
+    assert set(found) == {"builtin-bsg", "hfs-by-class"}  # kernel-coda: the helper holds it
+    assert (found["builtin-bsg"]["line"], found["builtin-bsg"]["col"]) == ("6", "5")
     assert found["hfs-by-class"]["path"] == str(path)
-    zswap = next(ln for ln in err.splitlines() if "builtin-zswap" in ln)
-    assert "built into the kernel" in zswap and "initcall_blacklist=zswap_init" in zswap
+    bsg = next(ln for ln in err.splitlines() if "builtin-bsg" in ln)
+    assert "built into the kernel" in bsg and "initcall_blacklist=bsg_init" in bsg
     assert "2 rule(s) not fully enforced" in out
 
 
@@ -92,10 +92,10 @@ def test_json_carries_warnings_and_coverage(
     }  # fmt: skip
     assert coda == {"rule": "kernel-coda", "layers": ["helper"],
                     "enforced": True, "gaps": [], "remedy": None}  # fmt: skip
-    assert rules["builtin-zswap"]["enforced"] is False
+    assert rules["builtin-bsg"]["enforced"] is False
     assert rules["hfs-by-class"]["kernel"]["files"] == []  # class keys: never rendered
-    kernel = rules["builtin-zswap"]["kernel"]
-    assert kernel["files"] == [] and "built into the kernel: zswap" in kernel["leaves"][-1]
+    kernel = rules["builtin-bsg"]["kernel"]
+    assert kernel["files"] == [] and "built into the kernel: bsg" in kernel["leaves"][-1]
 
 
 def test_explain_names_the_layers_and_the_gap(
@@ -106,10 +106,10 @@ def test_explain_names_the_layers_and_the_gap(
     code, out, _ = run(capsys, *root, "explain", "char-major-67-0", "--policy", str(path))
     assert code == 1
     assert "  enforced by: kernel requests (the modprobe helper)\n" in out
-    code, out, _ = run(capsys, *root, "explain", "zswap", "--policy", str(path), "--json")
+    code, out, _ = run(capsys, *root, "explain", "bsg", "--policy", str(path), "--json")
     enforcement = json.loads(out)["enforcement"]
     assert enforcement["layers"] == [] and enforcement["enforced"] is False
-    assert enforcement["not_enforced"] == "coverage: zswap is built into the kernel"
-    assert "initcall_blacklist=zswap_init" in enforcement["rule"]["remedy"]
+    assert enforcement["not_enforced"] == "coverage: bsg is built into the kernel"
+    assert "initcall_blacklist=bsg_init" in enforcement["rule"]["remedy"]
     code, out, _ = run(capsys, *root, "explain", "net-pf-5", "--policy", str(path), "--json")
     assert code == 0 and json.loads(out)["enforcement"] is None  # an allow

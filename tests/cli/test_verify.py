@@ -34,9 +34,9 @@ rules:
   - id: no-psmouse
     action: deny
     match: {module: [psmouse]}
-  - id: builtin-zswap
+  - id: builtin-bsg
     action: deny
-    match: {module: [zswap]}
+    match: {module: [bsg]}
   - id: udev-only-uas
     action: deny
     match: {module: [uas], source: [udev]}
@@ -128,7 +128,7 @@ def kmod_inserts(machine: Machine, module: str) -> bool:
 def test_every_denied_module_is_listed_and_agrees_with_kmod(machine: Machine) -> None:
     rc, doc = machine.verify()
     found = rows(doc)
-    assert set(found) == {"algif_aead", "psmouse", "zswap", "uas"}
+    assert set(found) == {"algif_aead", "psmouse", "bsg", "uas"}
     for name in ("algif_aead", "psmouse", "uas"):
         modprobe = found[name]["modprobe"]
         assert isinstance(modprobe, dict)
@@ -139,12 +139,12 @@ def test_every_denied_module_is_listed_and_agrees_with_kmod(machine: Machine) ->
     # source: [udev]: nothing asks the helper to deny it, modprobe.d must (once rendered)
     assert found["uas"]["denied_for"] == ["udev"]
     assert found["uas"]["kernel_request"] == "not denied"
-    assert rc == 1  # zswap is built in: never enforceable by modprobe.d or the helper
+    assert rc == 1  # bsg is built in: never enforceable by modprobe.d or the helper
 
 
 def test_a_built_in_is_never_enforced_and_says_the_remedy(machine: Machine) -> None:
-    rc, doc = machine.verify("--module", "zswap")
-    row = rows(doc)["zswap"]
+    rc, doc = machine.verify("--module", "bsg")
+    row = rows(doc)["bsg"]
     assert rc == 1 and row["builtin"] is True and row["enforced"] is False
     assert "initcall_blacklist=" in " ".join(row["problems"])
 

@@ -41,9 +41,9 @@ rules:
   - id: kernel-coda
     action: deny
     match: {module: [coda], source: [kernel]}
-  - id: builtin-zswap
+  - id: builtin-bsg
     action: deny
-    match: {module: [zswap]}
+    match: {module: [bsg]}
   - id: hfs-by-class
     action: deny
     match: {module: [hfs], class: [filesystem]}
@@ -134,9 +134,9 @@ def test_a_kernel_request_held_by_the_helper_only(rig: Rig) -> None:
 
 
 def test_a_builtin_deny_is_not_enforced(rig: Rig) -> None:
-    record = rig.kernel("zswap")
+    record = rig.kernel("bsg")
     assert record.fields[Field.VERDICT] == "deny"
-    assert record.fields[Field.ENFORCED] == "no: coverage: zswap is built into the kernel"
+    assert record.fields[Field.ENFORCED] == "no: coverage: bsg is built into the kernel"
     assert record.fields[Field.LAYERS] == ""
 
 

@@ -43,17 +43,17 @@ def test_debian_stub_system_map_falls_back_to_the_convention(kernel_tree: Kernel
     package"): kmodd says the name is a convention, never pretends it is exact."""
     path, why = symbol_file(kernel_tree.root, kernel_tree.release)
     assert path is None and "stub" in why
-    (call,) = initcalls(kernel_tree.root, kernel_tree.release, ["zswap"])
-    assert call.function == "zswap_init" and call.confidence is Confidence.CONVENTION
+    (call,) = initcalls(kernel_tree.root, kernel_tree.release, ["bsg"])
+    assert call.function == "bsg_init" and call.confidence is Confidence.CONVENTION
 
 
 def test_cmdline_args_split_builtin_and_loadable(kernel_tree: KernelTree) -> None:
     args = cmdline_args(
-        kernel_tree.root, kernel_tree.release, ["algif-aead", "zswap", "ksmbd"], {"zswap"}
+        kernel_tree.root, kernel_tree.release, ["algif-aead", "bsg", "ksmbd"], {"bsg"}
     )
     assert args.module_blacklist == ("algif_aead", "ksmbd")  # '_' form, as the kernel compares
-    assert [c.module for c in args.initcalls] == ["zswap"]
+    assert [c.module for c in args.initcalls] == ["bsg"]
     assert args.arguments() == (
         "module_blacklist=algif_aead,ksmbd",
-        "initcall_blacklist=zswap_init",
+        "initcall_blacklist=bsg_init",
     )

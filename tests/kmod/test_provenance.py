@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from kmodd.kmod import provenance
+from kmodd.kmod import libkmod, provenance
+from kmodd.kmod.context import KmodContext
 from kmodd.kmod.model import ConfigLine
 from kmodd.kmod.names import underscores
 from kmodd.kmod.provenance import BadLine, Provenance, logical_lines, parse_line
-from tests.kmod.conftest import write_conf
+from tests.kerneltree import Kmod34
+from tests.kmod.conftest import TinyTree, write_conf
 
 
 def test_logical_lines_join_and_escape() -> None:
@@ -23,6 +26,44 @@ def test_logical_lines_join_and_escape() -> None:
         (5, "#x swallowed"),  # a comment continued swallows the next line
         (7, "last"),  # no final newline
     ]
+
+
+def test_a_backslash_ending_the_file_follows_the_kmod_version() -> None:
+    text = "alias a b\\"
+    assert list(logical_lines(text, eof_byte=True)) == [(1, "alias a b\udcff")]  # kmod 30
+    assert list(logical_lines(text, eof_byte=False)) == [(1, "alias a b")]  # kmod 34
+
+
+def _dump(argv: list[str], conf: Path) -> list[str]:
+    out = subprocess.run(
+        [*argv, "-c", "-C", str(conf)], capture_output=True, check=False, timeout=30
+    ).stdout
+    return [os.fsdecode(ln) for ln in out.splitlines() if ln.startswith(b"alias kmodd")]
+
+
+def test_eof_probe_matches_kmod_30_and_34(kmod34: Kmod34, tmp_path: Path) -> None:
+    """The real behaviours the probe tells apart: Debian 12's modprobe (kmod 30) keeps the
+    0xff, Debian 13's (kmod 34) does not; the loaded libkmod's probe says which it is."""
+    conf = tmp_path / "x.conf"
+    conf.write_bytes(b"alias kmodd-eof vfat\\")
+    assert _dump(kmod34.argv(), conf) == ["alias kmodd_eof vfat"]
+    version = subprocess.run(
+        ["modprobe", "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    ours = _dump(["modprobe"], conf)  # this machine's kmod, the libkmod kmodd loads
+    if "kmod version 30" in version:
+        assert ours == ["alias kmodd_eof vfat\udcff"]
+    assert libkmod.stores_eof_after_backslash() is ours[0].endswith("\udcff")
+
+
+def test_provenance_reads_a_dangling_backslash_as_libkmod_does(
+    tiny_tree: TinyTree, tmp_path: Path
+) -> None:
+    conf = tmp_path / "x.conf"
+    conf.write_bytes(b"alias kmodd-first vfat\nalias kmodd-eof msdos\\")
+    with KmodContext(tiny_tree.root, tiny_tree.release, config_paths=[conf]) as ctx:
+        prov = Provenance([str(conf)], tiny_tree.module_dir)
+        assert [(ln.target, ln.value) for ln in prov.of("alias")] == list(ctx.config_aliases())
 
 
 @pytest.mark.parametrize(

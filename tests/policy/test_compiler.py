@@ -45,7 +45,7 @@ def baseline() -> CompiledPolicy:
 
 
 def modprobe_d(tree: KernelTree, conf_dir: Path, name: str) -> list[str]:
-    argv = ["modprobe", "-q", "-D", "-d", str(tree.root), "-S", tree.release]
+    argv = ["modprobe", "-q", "-D", "-d", str(tree.dirname), "-S", tree.release]
     proc = subprocess.run(
         [*argv, "-C", str(conf_dir), "--", name], capture_output=True, text=True, check=False
     )

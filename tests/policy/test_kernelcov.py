@@ -51,13 +51,13 @@ def test_a_builtin_has_no_file_and_a_kernel_only_rule_renders_none(
     policy = compiled(
         tmp_path,
         "rules:\n"
-        "  - {id: zs, action: deny, match: {module: [zswap]}}\n"
+        "  - {id: zs, action: deny, match: {module: [bsg]}}\n"
         "  - {id: coda, action: deny, match: {module: [coda], source: [kernel]}}\n",
     )
     cov = {c.rule: c for c in rule_coverage(policy, ctx, kernel_active=True)}
-    zswap = cov["zs"].kernel
-    assert zswap is not None and zswap.files == ()
-    assert any("built into the kernel: zswap" in leave for leave in zswap.leaves)
+    bsg = cov["zs"].kernel
+    assert bsg is not None and bsg.files == ()
+    assert any("built into the kernel: bsg" in leave for leave in bsg.leaves)
     coda = cov["coda"].kernel
     assert coda is not None and coda.requests and coda.files == ()  # not rendered: no file
     assert Layer.KERNEL in cov["coda"].layers
