@@ -21,7 +21,7 @@ APT_PACKAGES := kmod libkmod2 libsystemd-dev pkg-config gcc python3-dev python3-
 BPF_OBJ     := kmodd/bpf/kmodd.bpf.o
 BPF_CFLAGS  := -O2 -g -Wall -Werror -target bpf -I/usr/include/$(shell uname -m)-linux-gnu
 
-.PHONY: help apt venv bpf kernel-tree trixie-chroot test test-fast lint demo bench clean
+.PHONY: help apt venv bpf kernel-tree trixie-chroot deb test test-fast lint demo bench clean
 
 help:
 	@echo "make test         install everything, then run the whole suite (what CI runs)"
@@ -29,6 +29,7 @@ help:
 	@echo "make bench        benchmarks against kmod, written to docs/benchmarks.md"
 	@echo "make test-fast    the suite without the VM and oracle tests"
 	@echo "make lint         ruff + mypy --strict"
+	@echo "make deb          the Debian 13 package, built in a trixie chroot, into dist/"
 
 # Install missing apt packages (needs root).  dpkg-query keeps a warm machine fast.
 apt:
@@ -66,6 +67,12 @@ trixie-chroot:
 	    debootstrap --variant=minbase --include=kmod trixie $(TRIXIE_CHROOT).tmp http://deb.debian.org/debian && \
 	    mv $(TRIXIE_CHROOT).tmp $(TRIXIE_CHROOT); }
 	chroot $(TRIXIE_CHROOT) modprobe --version
+
+# The Debian 13 package (debian/), built with dpkg-buildpackage in a cached trixie chroot
+# (/var/cache/kmodd-dev/trixie-build, from the machine's Debian mirror) and checked with
+# lintian (errors fail): dist/kmodd_VERSION_ARCH.deb, dist/build.log, dist/lintian.txt.
+deb:
+	packaging/debian13.sh build dist
 
 test: venv kernel-tree
 	$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
