@@ -27,7 +27,7 @@ help:
 	@echo "make test         install everything, then run the whole suite (what CI runs)"
 	@echo "make demo         boot a real kernel with kmodd as its modprobe helper"
 	@echo "make bench        benchmarks against kmod, written to docs/benchmarks.md"
-	@echo "make test-fast    the suite without the VM and oracle tests"
+	@echo "make test-fast    the suite without the VM, oracle and package tests"
 	@echo "make lint         ruff + mypy --strict"
 	@echo "make deb          the Debian 13 package, built in a trixie chroot, into dist/"
 
@@ -78,7 +78,7 @@ test: venv kernel-tree
 	$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: venv
-	$(VPY) -m pytest -p no:cacheprovider -m 'not vm and not oracle' $(PYTEST_ARGS)
+	$(VPY) -m pytest -p no:cacheprovider -m 'not vm and not oracle and not deb' $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

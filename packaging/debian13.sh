@@ -47,12 +47,14 @@ mirror() {
 }
 
 # run DIR CMD...: in a private mount namespace, so the mounts vanish with the command.
+# The archive dir is shared by every chroot, and apt does not wait for its lock (two at
+# once: "Could not get lock /var/cache/apt/archives/lock"): one command at a time.
 run() {
 	root=$1
 	shift
 	mkdir -p "$ARCHIVES/partial"
 	cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
-	unshare --mount --propagation private --fork sh -euc '
+	flock "$ARCHIVES/.kmodd-lock" unshare --mount --propagation private --fork sh -euc '
 		root=$1 archives=$2
 		shift 2
 		mount -t proc proc "$root/proc"

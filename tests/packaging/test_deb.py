@@ -3,9 +3,12 @@ fresh trixie chroot (Depends resolve from Debian: pydantic 2.10, pyudev, watchdo
 files where Debian wants them, kmodctl working there, and `dpkg --purge` leaving the tree
 as it was.  One chroot for the module; the tests run in file order, the purge last.
 
-Time: ~2 min warm (build ~1m45s of it, the install ~20 s), ~6 min cold (debootstrap of
-the base and build chroots, the build dependencies).  kernel.modprobe and the BPF pins
-of the teardown are not in a chroot: the real-boot VM (docs/vm.md) covers them.
+Time: 4-6 min warm (the build 1m45s; copying the base, apt installing the dependencies
+and kmodd, the purge: 2-4 min, depending on the machine's load), ~13 min cold (`make deb`
+cold: 11m21s, debootstrap of the base and build chroots and the build dependencies).  The
+.deb is built each run: warm, that fits CI's budget, and a cached .deb could test stale
+code.  kernel.modprobe and the BPF pins of the teardown are not in a chroot:
+test_teardown.py runs those steps on a scratch tree, the real-boot VM on a real kernel.
 """
 
 from __future__ import annotations
@@ -149,6 +152,7 @@ def test_purge_leaves_nothing(installed: Chroot) -> None:
     # What an enabled, running kmodd leaves behind: enablement links, the last-good store,
     # the published files.
     installed.run("systemctl", "enable", "kmodd.service")
+    installed.run("systemctl", "enable", "kmodd-decide.socket", "kmodd-control.socket")
     assert list((installed.root / "etc/systemd/system").rglob("kmodd*"))
     for rel, text in (
         ("var/lib/kmodd/last-good/manifest", "kmodd-last-good 1\n"),
