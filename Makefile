@@ -23,16 +23,17 @@ APT_PACKAGES := kmod libkmod2 python3-venv \
 BPF_OBJ     := kmodd/bpf/kmodd.bpf.o
 BPF_CFLAGS  := -O2 -g -Wall -Werror -target bpf -I/usr/include/$(shell uname -m)-linux-gnu
 
-.PHONY: help apt apt-list venv bpf kernel-tree promtool trixie-chroot test test-fast test-debian13 \
-        lint demo bench clean
+.PHONY: help apt apt-list venv bpf kernel-tree promtool trixie-chroot deb test test-fast \
+        test-debian13 lint demo bench clean
 
 help:
 	@echo "make test         install everything, then run the whole suite (what CI runs)"
 	@echo "make demo         boot a real kernel with kmodd as its modprobe helper"
 	@echo "make bench        benchmarks against kmod, written to docs/benchmarks.md"
-	@echo "make test-fast    the suite without the VM and oracle tests"
+	@echo "make test-fast    the suite without the VM, oracle and package tests"
 	@echo "make test-debian13  the suite in a Debian 13 tree (root; tools/test-debian13)"
 	@echo "make lint         ruff + mypy --strict"
+	@echo "make deb          the Debian 13 package, built in a trixie chroot, into dist/"
 
 # Install missing apt packages (needs root).  dpkg-query keeps a warm machine fast.
 apt:
@@ -88,11 +89,17 @@ trixie-chroot:
 	    mv $(TRIXIE_CHROOT).tmp $(TRIXIE_CHROOT); }
 	chroot $(TRIXIE_CHROOT) modprobe --version
 
+# The Debian 13 package (debian/), built with dpkg-buildpackage in a cached trixie chroot
+# (/var/cache/kmodd-dev/trixie-build, from the machine's Debian mirror) and checked with
+# lintian (errors fail): dist/kmodd_VERSION_ARCH.deb, dist/build.log, dist/lintian.txt.
+deb:
+	packaging/debian13.sh build dist
+
 test: venv kernel-tree promtool
 	$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: venv promtool
-	$(VPY) -m pytest -p no:cacheprovider -m 'not vm and not oracle' $(PYTEST_ARGS)
+	$(VPY) -m pytest -p no:cacheprovider -m 'not vm and not oracle and not deb' $(PYTEST_ARGS)
 
 # The suite on Debian 13 (debootstrap trixie, pivot_root into it, make test inside; root;
 # cached tree): tools/test-debian13 says how and how long.  Not part of `make test`.

@@ -20,9 +20,27 @@ ENFORCEMENT_FILE = bootpublish.ENFORCEMENT_FILE
 # In the runtime dir: an empty 00-kmodd.conf that hides our own enforcement file from the
 # daemon's decisions (kmodd.daemon.generation); `kmodctl uninstall` removes it.
 MASK_DIR = "kmod-mask"
-# Where `kmodctl install` puts the helper and what kernel.modprobe points at (the sysctl.d
-# drop-in, the daemon's --helper-path default, the deny stub of the rendered file).
-HELPER_PATH = "/usr/local/libexec/kmodd/kmodd-modprobe"
+# Where the helper and the boot step live: /usr/libexec/kmodd for the Debian package (a
+# distribution's files, FHS 4.7), /usr/local/libexec/kmodd for `kmodctl install` from a
+# venv (a local install, FHS 4.9).  Which one this copy uses follows from where it is
+# installed: dpkg puts Python packages in /usr/lib/python3/dist-packages, where pip never
+# writes (pip: a venv, or /usr/local/lib/python3.X/dist-packages).
+LOCAL_LIBEXEC = "/usr/local/libexec/kmodd"
+PACKAGE_LIBEXEC = "/usr/libexec/kmodd"
+PACKAGE_SITE = Path("/usr/lib/python3/dist-packages")
+HELPER_NAME = "kmodd-modprobe"
+
+
+def libexec_dir(package_dir: Path) -> str:
+    """PACKAGE_LIBEXEC when PACKAGE_DIR (the kmodd package) was installed by dpkg."""
+    return PACKAGE_LIBEXEC if package_dir.is_relative_to(PACKAGE_SITE) else LOCAL_LIBEXEC
+
+
+LIBEXEC_DIR = libexec_dir(Path(__file__).resolve().parent)
+PACKAGED = LIBEXEC_DIR == PACKAGE_LIBEXEC  # kmodd came from the Debian package
+# What kernel.modprobe points at (the daemon's --helper-path default, the deny stub of the
+# rendered file, what `kmodctl verify` and `status` expect).
+HELPER_PATH = f"{LIBEXEC_DIR}/{HELPER_NAME}"
 # Where a root keeps its kernels' modules, in the order kmodd looks: lib/modules (kmod 30
 # and Debian's kmod 34.2 are built with /lib/modules), then usr/lib/modules (kmod >= 32
 # can be built so; Debian 13's merged-/usr kernel packages, extracted, have only that).

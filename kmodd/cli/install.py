@@ -29,28 +29,28 @@ from kmodd import bootpublish, helper
 from kmodd.atomic import write_atomic
 from kmodd.bpf.layer import MAPS, PIN_DIR, PROGRAMS
 from kmodd.cli.common import print_json, wants_json
+from kmodd.cli.layout import (
+    BOOT_PUBLISH_DEST,
+    CATALOG_DEST,
+    DRACUT_MODULE_DEST,
+    HELPER_DEST,
+    INITRAMFS_SCRIPT_DEST,
+    INITRAMFS_TOOLS_HOOK_DEST,
+    LAYOUTS,
+    LOCAL,
+    MANIFEST,
+    POLICY_DEST,
+    SYSCTL_DEST,
+    TMPFILES_DEST,
+    UNIT_DIR,
+    Layout,
+    LayoutName,
+)
 from kmodd.cli.verbs import Verb, VerbSpec
 from kmodd.errors import KmoddError
 from kmodd.host.modprobe_path import PREVIOUS_FILE, ModprobePath
-from kmodd.paths import ENFORCEMENT_FILE, HELPER_PATH, MASK_DIR
+from kmodd.paths import ENFORCEMENT_FILE, HELPER_NAME, MASK_DIR, PACKAGED
 
-HELPER_DEST = HELPER_PATH.lstrip("/")  # under --prefix
-BOOT_PUBLISH_DEST = "usr/local/libexec/kmodd/kmodd-boot-publish"  # kmodd/bootpublish.py
-UNIT_DIR = "usr/local/lib/systemd/system"
-SYSCTL_DEST = "usr/local/lib/sysctl.d/50-kmodd.conf"
-TMPFILES_DEST = "usr/local/lib/tmpfiles.d/kmodd.conf"
-CATALOG_DEST = "usr/local/lib/systemd/catalog/kmodd.catalog"
-POLICY_DEST = "usr/lib/kmodd/policy.d"
-# Early boot (initramfs/): the shared script, and the two generators' entry points.
-INITRAMFS_SCRIPT_DEST = "usr/local/libexec/kmodd/kmodd-initramfs"
-INITRAMFS_TOOLS_HOOK_DEST = "usr/share/initramfs-tools/hooks/kmodd"
-DRACUT_MODULE_DEST = "usr/lib/dracut/modules.d/90kmodd/module-setup.sh"
-INITRAMFS_FILES = (
-    ("kmodd-initramfs", INITRAMFS_SCRIPT_DEST),
-    ("initramfs-tools-hook", INITRAMFS_TOOLS_HOOK_DEST),
-    ("dracut-module-setup.sh", DRACUT_MODULE_DEST),
-)
-MANIFEST = "usr/local/lib/kmodd/install-manifest.json"
 UNITS = (
     "kmodd.service",
     "kmodd-decide.socket",
@@ -166,42 +166,48 @@ def helper_source(python: Path, script: Path | None = None) -> bytes:
     return f"#!{python} -IS\n".encode() + body
 
 
-def render(template: str, bindir: Path, python: Path = Path(DEFAULT_PYTHON)) -> bytes:
+def render(
+    template: str, bindir: Path, python: Path = Path(DEFAULT_PYTHON), layout: Layout = LOCAL
+) -> bytes:
     """Substitute @BINDIR@ (the venv holding kmodd/kmodctl), @HELPER@, @LIBEXEC@ (its
     directory), @BOOT_PUBLISH@ and @PYTHON@ (the interpreter of the helper and the boot
     step)."""
     for key, value in (
         ("@BINDIR@", str(bindir)),
-        ("@HELPER@", "/" + HELPER_DEST),
-        ("@LIBEXEC@", "/" + str(Path(HELPER_DEST).parent)),
-        ("@BOOT_PUBLISH@", "/" + BOOT_PUBLISH_DEST),
+        ("@HELPER@", "/" + layout.helper),
+        ("@LIBEXEC@", "/" + layout.libexec),
+        ("@BOOT_PUBLISH@", "/" + layout.boot_publish),
         ("@PYTHON@", str(python)),
     ):
         template = template.replace(key, value)
     return template.encode()
 
 
-def plan(shipped: Shipped, bindir: Path, python: Path) -> list[FileSpec]:
+def plan(shipped: Shipped, bindir: Path, python: Path, layout: Layout = LOCAL) -> list[FileSpec]:
     """Every file to install, with its final content and mode."""
     units = shipped.systemd
     publisher = Path(bootpublish.__file__)
     specs = [
-        FileSpec(HELPER_DEST, helper_source(python), 0o755),
-        FileSpec(BOOT_PUBLISH_DEST, helper_source(python, publisher), 0o755),
+        FileSpec(layout.helper, helper_source(python), 0o755),
+        FileSpec(layout.boot_publish, helper_source(python, publisher), 0o755),
     ]
     specs += [
-        FileSpec(f"{UNIT_DIR}/{unit}", render((units / unit).read_text(), bindir, python), 0o644)
+        FileSpec(
+            f"{layout.units}/{unit}",
+            render((units / unit).read_text(), bindir, python, layout),
+            0o644,
+        )
         for unit in UNITS
     ]
-    specs.append(
-        FileSpec(SYSCTL_DEST, render((units / "50-kmodd.sysctl").read_text(), bindir), 0o644)
-    )
-    specs.append(FileSpec(TMPFILES_DEST, (units / "kmodd.tmpfiles").read_bytes(), 0o644))
+    if layout.sysctl is not None:
+        sysctl = render((units / "50-kmodd.sysctl").read_text(), bindir, layout=layout)
+        specs.append(FileSpec(layout.sysctl, sysctl, 0o644))
+    specs.append(FileSpec(layout.tmpfiles, (units / "kmodd.tmpfiles").read_bytes(), 0o644))
     if (units / "kmodd.catalog").is_file():
-        specs.append(FileSpec(CATALOG_DEST, (units / "kmodd.catalog").read_bytes(), 0o644))
+        specs.append(FileSpec(layout.catalog, (units / "kmodd.catalog").read_bytes(), 0o644))
     specs += [
-        FileSpec(dest, render((shipped.initramfs / name).read_text(), bindir), 0o755)
-        for name, dest in INITRAMFS_FILES
+        FileSpec(dest, render((shipped.initramfs / name).read_text(), bindir, layout=layout), 0o755)
+        for name, dest in layout.initramfs_files
     ]
     specs += [FileSpec(f"{POLICY_DEST}/{p.name}", p.read_bytes(), 0o644) for p in shipped.policies]
     return specs
@@ -259,7 +265,7 @@ def _install_file(prefix: Path, spec: FileSpec, dry_run: bool, steps: list[Step]
     path = prefix / spec.dest
     _ensure_dir(prefix, Path(spec.dest).parent, dry_run, steps)
     detail = f"{spec.mode:04o}"
-    if spec.dest in (HELPER_DEST, BOOT_PUBLISH_DEST):
+    if spec.dest.endswith((f"/{HELPER_NAME}", "/kmodd-boot-publish")):
         shebang = spec.content.split(b"\n", 1)[0].decode()
         detail += f", {shebang}"
     if _up_to_date(path, spec):
@@ -322,17 +328,26 @@ def _run(command: list[str], steps: list[Step], dry_run: bool) -> None:
 # -- the two verbs ------------------------------------------------------------------------
 
 
-def install(prefix: Path, *, bindir: Path, python: Path, dry_run: bool = False) -> list[Step]:
+def install(
+    prefix: Path, *, bindir: Path, python: Path, dry_run: bool = False, layout: Layout = LOCAL
+) -> list[Step]:
     """Install (or update) every file; idempotent.  Files of an older install that are no
-    longer shipped are removed."""
+    longer shipped are removed.  The package layout (debian/rules) stages into a prefix:
+    the tools are looked for there, and dpkg keeps the list of files."""
     check_interpreter(python)
+    tools = bindir if layout.manifest is not None else prefix / str(bindir).lstrip("/")
     for tool in ("kmodd", "kmodctl"):
-        if not (bindir / tool).is_file():
+        if not (tools / tool).is_file():
             raise InstallError(
-                f"{bindir / tool} does not exist: the units would start nothing",
+                f"{tools / tool} does not exist: the units would start nothing",
                 hint="run kmodctl from the venv that holds kmodd, or pass --bindir",
             )
-    specs = plan(find_shipped(), bindir, python)
+    specs = plan(find_shipped(), bindir, python, layout)
+    if layout.manifest is None:
+        steps: list[Step] = []
+        for spec in specs:
+            _install_file(prefix, spec, dry_run, steps)
+        return steps
     old = read_manifest(prefix) or Manifest()
     wanted = [spec.dest for spec in specs]
     new_dirs = _missing_dirs(prefix, [*wanted, MANIFEST])
@@ -340,7 +355,7 @@ def install(prefix: Path, *, bindir: Path, python: Path, dry_run: bool = False) 
     specs.append(
         FileSpec(MANIFEST, (json.dumps(asdict(manifest), indent=1) + "\n").encode(), 0o644)
     )
-    steps: list[Step] = []
+    steps = []
     if not prefix.exists():  # like DESTDIR: a fresh staging dir is fine
         if not dry_run:
             prefix.mkdir(mode=0o755, parents=True)
@@ -489,12 +504,28 @@ def _print(steps: list[Step], args: argparse.Namespace, prefix: Path) -> None:
         print(f"{step.action:<10} {step.path}{detail}")
 
 
+def _refuse_packaged(prefix: Path, verb: str) -> None:
+    """With the Debian package, dpkg owns the files: a second copy under /usr/local would
+    shadow its units and name another helper than the one this kmodd points the kernel at."""
+    if PACKAGED and prefix == Path("/"):
+        raise InstallError(
+            f"kmodd is installed by the Debian package: `kmodctl {verb}` would fight dpkg",
+            hint="enable: systemctl enable --now kmodd.service; disable: systemctl disable"
+            " --now kmodd.service; remove everything: apt purge kmodd (docs/operations.md)",
+        )
+
+
 def run_install(args: argparse.Namespace) -> int:
     prefix = Path(args.prefix).absolute()
+    layout = LAYOUTS[LayoutName(args.layout)]
+    if layout is LOCAL:
+        _refuse_packaged(prefix, "install")
     bindir = Path(args.bindir or Path(sys.executable).parent).absolute()
-    steps = install(prefix, bindir=bindir, python=Path(args.python), dry_run=args.dry_run)
+    steps = install(
+        prefix, bindir=bindir, python=Path(args.python), dry_run=args.dry_run, layout=layout
+    )
     _print(steps, args, prefix)
-    if not wants_json(args) and not args.dry_run and prefix == Path("/"):
+    if not wants_json(args) and not args.dry_run and prefix == Path("/") and layout is LOCAL:
         print("next: systemctl enable --now kmodd.service   (see docs/operations.md)")
     return 0
 
@@ -502,6 +533,7 @@ def run_install(args: argparse.Namespace) -> int:
 def run_uninstall(args: argparse.Namespace) -> int:
 
     prefix = Path(args.prefix).absolute()
+    _refuse_packaged(prefix, "uninstall")
     modprobe = None
     if prefix == Path("/"):
         runtime_dir = Path(args.runtime_dir or helper.RUNTIME_DIR)
@@ -534,6 +566,13 @@ def _install_arguments(parser: argparse.ArgumentParser) -> None:
         "--bindir",
         metavar="DIR",
         help="where the units find kmodd and kmodctl (default: this venv's bin dir)",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=[name.value for name in LayoutName],
+        default=LayoutName.LOCAL.value,
+        help="local: /usr/local, for a venv (default); package: the Debian package's /usr"
+        " paths, staged under --prefix by debian/rules (no manifest, no sysctl.d drop-in)",
     )
 
 

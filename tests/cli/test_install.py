@@ -17,12 +17,6 @@ import pytest
 
 from kmodd import bootpublish, helper
 from kmodd.cli.install import (
-    BOOT_PUBLISH_DEST,
-    HELPER_DEST,
-    MANIFEST,
-    POLICY_DEST,
-    SYSCTL_DEST,
-    UNIT_DIR,
     UNITS,
     InstallError,
     Step,
@@ -31,6 +25,14 @@ from kmodd.cli.install import (
     find_shipped,
     install,
     uninstall,
+)
+from kmodd.cli.layout import (
+    BOOT_PUBLISH_DEST,
+    HELPER_DEST,
+    MANIFEST,
+    POLICY_DEST,
+    SYSCTL_DEST,
+    UNIT_DIR,
 )
 from kmodd.cli.main import main
 from kmodd.host.modprobe_path import PREVIOUS_FILE, ModprobePath
@@ -72,8 +74,8 @@ def actions(steps: list[Step]) -> set[StepAction]:
     return {step.action for step in steps}
 
 
-def do_install(prefix: Path, **kw: bool) -> list[Step]:
-    return install(prefix, bindir=BINDIR, python=PYTHON, **kw)
+def do_install(prefix: Path, *, dry_run: bool = False) -> list[Step]:
+    return install(prefix, bindir=BINDIR, python=PYTHON, dry_run=dry_run)
 
 
 def test_install_twice_is_idempotent(prefix: Path, tight_umask: None) -> None:

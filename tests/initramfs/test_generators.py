@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.cli.install import (
+from kmodd.cli.install import install
+from kmodd.cli.layout import (
     DRACUT_MODULE_DEST,
     HELPER_DEST,
     INITRAMFS_SCRIPT_DEST,
     INITRAMFS_TOOLS_HOOK_DEST,
-    install,
 )
 from kmodd.kmod.context import KmodContext
 from kmodd.kmod.initramfs import module_names, read_image

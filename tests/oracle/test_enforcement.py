@@ -1,7 +1,7 @@
 """The enforcement oracle (issue 10): denied means not loaded, asked of kmod and the helper.
 
-For the shipped baseline and for KMODD_ORACLE_POLICIES (default 500) generated
-policies per tree, 1,000 in all (random module/request/source/class rules over the real
+For the shipped baseline and for KMODD_ORACLE_POLICIES (default 150) generated
+policies per tree, 300 in all (random module/request/source/class rules over the real
 tree, seeded), on Debian 12's 6.1 tree and Debian 13's 6.12 tree (.ko.xz, usr/lib/modules):
 - kmod 30's `modprobe -D` with `-C` the rendered file inserts no module the policy
   denies for udev or cli loads, for every name tried (the module, its aliases and
@@ -40,7 +40,9 @@ pytestmark = pytest.mark.oracle
 REPO = Path(__file__).resolve().parents[2]
 BASELINE = REPO / "policies/10-baseline.yaml"
 SEED = 20261202
-POLICIES = int(os.environ.get("KMODD_ORACLE_POLICIES", "500"))  # per tree: 1,000 in all
+# 150 per tree in CI (~3 min a tree): 500 a tree (~10 min each) gave 0 failures on both
+# trees (2026-12-02); KMODD_ORACLE_POLICIES=500 runs that again.
+POLICIES = int(os.environ.get("KMODD_ORACLE_POLICIES", "150"))
 NAMES_PER_POLICY = 30
 CHUNK = 50  # policies per worker task
 TREES = {"debian12": ensure_kernel_tree, "debian13": ensure_trixie_tree}
