@@ -10,11 +10,13 @@ VPY         := $(VENV)/bin/python
 # reads the kernel release of a vmlinuz with file(1); initramfs-tools (mkinitramfs,
 # lsinitramfs, unmkinitramfs), zstd and cpio build and read real initramfs images for the
 # early-boot hook's tests (~2.5 s per image); clang (bpf target) and libbpf-dev
-# (bpf_helpers.h) build the kernel layer's BPF object, libbpf1 loads it.
+# (bpf_helpers.h) build the kernel layer's BPF object, libbpf1 loads it.  debootstrap and
+# e2fsprogs (mkfs.ext4 -d, debugfs: no loop device) build the real-boot image
+# (tests/realboot/image.py).
 APT_PACKAGES := kmod libkmod2 libsystemd-dev pkg-config gcc python3-dev python3-venv \
                 qemu-system-x86 udev systemd util-linux procps psmisc busybox-static \
                 ca-certificates file initramfs-tools zstd cpio \
-                clang libbpf-dev libbpf1
+                clang libbpf-dev libbpf1 debootstrap e2fsprogs
 
 # The kernel layer's BPF object (kmodd/bpf/kmodd.bpf.c): built here, shipped as package
 # data, so the target needs no compiler.  -g emits the BTF that CO-RE and libbpf need.
