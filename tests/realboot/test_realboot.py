@@ -220,22 +220,27 @@ def test_kmodctl_uninstall_cleans_up(second_boot: Boot) -> None:
 
 
 def test_broken_policy_at_first_boot_is_safe_and_says_so(broken_boot: Boot) -> None:
+    """No restart loop, the boot goes on, and every part says what it did: kmodd (exit
+    78, no enforcement), the boot step (kmodd enforces nothing), the helper (each request:
+    no valid snapshot, running modprobe).  Measured: with no generation ever built the
+    helper fails open, nobody's aead bind loads algif_aead (docs/vm.md, notes)."""
     f = broken_boot.step("broken")
     k = f["kmodd"]
-    assert k["ExecMainStatus"] == "78" and k["NRestarts"] == "0", k  # no restart loop
+    assert k["ExecMainStatus"] == "78" and k["NRestarts"] == "0", k
     assert f["published"].startswith("none"), f["published"]
     text = _messages(f["kmodd_journal"])
     assert "01-realboot-broken.yaml" in text, text
     assert "no enforcement" in text, text
-    # The boot went on (the wait unit let udev go once kmodd said it cannot enforce).
-    assert broken_boot.step("boot")["units"]["kmodd-boot-wait.service"]["Result"] == "success"
+    assert "kmodd enforces nothing" in text, text  # kmodd-boot-wait, then udev went on
+    assert "no valid snapshot, running modprobe" in _messages(f["records"]), f["records"]
+    assert broken_boot.step("boot")["waited_s"] < 900  # the boot finished
 
 
 def test_permissive_cmdline(broken_boot: Boot) -> None:
     f = broken_boot.step("permissive")
     assert f["restart"]["rc"] == 0 and f["active"] == "active", f["restart"]
     assert f["status"]["doc"]["mode"] == "permissive", f["status"]
-    assert "bound" in f["aead"]["out"] and f["aead"]["loaded"], f["aead"]
+    assert "opened" in f["appletalk"]["out"] and f["appletalk"]["loaded"], f["appletalk"]
     would = [r for r in f["records"] if r.get("MESSAGE_ID") == MSG_WOULD_DENY]
-    assert would and would[0]["KMODD_RULE"] == "copy-fail", f["records"]
-    assert "install algif_aead" not in (f["enforcement"] or "")
+    assert [r["KMODD_RULE"] for r in would] == ["legacy-net-protocols"], f["records"]
+    assert "permissive mode: nothing is enforced" in (f["enforcement"] or "")

@@ -49,6 +49,7 @@ AEAD = (
     "except OSError as e:\n"
     "    print('errno', e.errno)\n"
 )
+APPLETALK = "import socket; socket.socket(5, socket.SOCK_DGRAM); print('opened')"
 RELOAD_POLICY = (
     "kmodd: 1\nrules:\n  - id: realboot-reload-nlmon\n    action: deny\n"
     "    match: {module: [nlmon]}\n    reason: real-boot reload scenario\n"
@@ -120,7 +121,8 @@ def kmodd_records(after: str = "") -> list[Facts]:
 
 
 def show(unit: str, props: tuple[str, ...] = UNIT_PROPS) -> dict[str, str]:
-    argv = ["systemctl", "show", unit] + [f"--property={p}" for p in props]
+    # No unit: the manager's own properties (userspace and finish timestamps).
+    argv = ["systemctl", "show", *([unit] if unit else []), *(f"--property={p}" for p in props)]
     out = sh(argv)["out"]
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
@@ -404,11 +406,14 @@ def step_permissive() -> Facts:
     Path("/run/kmodd/policy.d/01-realboot-broken.yaml").unlink()
     restart = sh(["systemctl", "restart", "kmodd.service"], timeout=600)
     c = cursor()
+    # AF_APPLETALK (baseline rule legacy-net-protocols): a request the broken step did not
+    # already load (its aead bind loaded algif_aead: no snapshot, the helper ran modprobe).
+    appletalk = sh([*NOBODY, "python3", "-c", APPLETALK])
     return {
         "restart": restart,
         "active": show("kmodd.service")["ActiveState"],
         "status": status(),
-        "aead": nobody_aead(),
+        "appletalk": {**appletalk, "loaded": "appletalk" in modules()},
         "records": kmodd_records(c),
         "enforcement": _read(str(ENFORCEMENT)),
     }
