@@ -46,7 +46,7 @@ def _keep(b: Boot, work: Path) -> Boot:
 
 @pytest.fixture(scope="session")
 def first_boot(realboot_image: image_mod.Image, realboot_dir: Path) -> Boot:
-    return _keep(boot(realboot_image, "first", realboot_dir, timeout_s=1500), realboot_dir)
+    return _keep(boot(realboot_image, "first", realboot_dir, timeout_s=1200), realboot_dir)
 
 
 @pytest.fixture(scope="session")
@@ -55,12 +55,12 @@ def second_boot(realboot_image: image_mod.Image, realboot_dir: Path, first_boot:
     rel = realboot_image.kernel_release
     initrd = extract_file(first_boot.disk, f"/boot/initrd.img-{rel}", realboot_dir / "initrd2")
     b = boot(
-        realboot_image, "second", realboot_dir, disk=first_boot.disk, initrd=initrd, timeout_s=900
+        realboot_image, "second", realboot_dir, disk=first_boot.disk, initrd=initrd, timeout_s=720
     )
     return _keep(b, realboot_dir)
 
 
 @pytest.fixture(scope="session")
 def broken_boot(realboot_image: image_mod.Image, realboot_dir: Path) -> Boot:
-    b = boot(realboot_image, "broken", realboot_dir, append="kmodd.mode=permissive", timeout_s=900)
+    b = boot(realboot_image, "broken", realboot_dir, append="kmodd.mode=permissive", timeout_s=720)
     return _keep(b, realboot_dir)
