@@ -107,14 +107,15 @@ def test_reload_follows_edit_and_refuses_broken(first_boot: Boot) -> None:
     f = first_boot.step("reload")
     assert f["reload"]["rc"] == 0, f["reload"]
     assert f["after"]["pid"] == f["before"]["pid"]
-    assert f["after"]["generation"] > f["before"]["generation"]
+    assert f["after"]["generation"]["number"] > f["before"]["generation"]["number"]
     nlmon = f["nlmon"]
     assert nlmon["rc"] != 0 and not nlmon["loaded"], nlmon
     assert any(r.get("KMODD_RULE") == "realboot-reload-nlmon" for r in nlmon["records"])
     assert f["broken_reload"]["rc"] != 0, f["broken_reload"]
-    assert "07-realboot-broken.yaml" in f["broken_reload"]["err"] + f["broken_reload"]["out"]
     broken = f["after_broken"]
-    assert broken["generation"] == f["after"]["generation"]
+    # systemctl only says "Job for kmodd.service failed"; the daemon's record names the file.
+    assert "07-realboot-broken.yaml" in _messages(broken["records"]), broken["records"]
+    assert broken["generation"]["number"] == f["after"]["generation"]["number"]
     assert broken["active"] == "active" and broken["pid"] == f["before"]["pid"]
     assert f["fixed_reload"]["rc"] == 0
 
@@ -125,8 +126,11 @@ def test_snapshot_decides_with_service_stopped(first_boot: Boot) -> None:
     assert f["modprobe_path"] == HELPER
     _denied_aead(f["aead"])
     assert f["veth"]["rc"] == 0 and f["veth"]["loaded"], f["veth"]
-    text = _messages(f["records"])
-    assert "snapshot denies (rule copy-fail)" in text, text
+    # Denied by the pinned kernel layer (BPF LSM: no helper run at all) or by the helper's
+    # snapshot ("snapshot denies (rule copy-fail)"); never let through.
+    aead = [str(r.get("MESSAGE")) for r in f["records"] if "algif" in str(r.get("MESSAGE"))]
+    assert not [m for m in aead if "allows" in m or "running modprobe" in m], aead
+    assert "snapshot allows (rule default)" in _messages(f["records"])  # veth, from the snapshot
     assert f["start"]["rc"] == 0
 
 
