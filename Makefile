@@ -13,11 +13,13 @@ VPY         := $(VENV)/bin/python
 # (bpf_helpers.h) build the kernel layer's BPF object, libbpf1 loads it;
 # systemd-journal-remote (~100 KB) is the fleet collector pair (journal-remote/-upload)
 # that tests/cli/test_fleet.py runs on loopback (~6 s).  debootstrap builds the Debian 12
-# chroot tests/contrib/test_ansible.py runs the Ansible role against (cached, ~300 MB).
+# chroot tests/contrib/test_ansible.py runs the Ansible role against (cached, ~300 MB) and,
+# with e2fsprogs (mkfs.ext4 -d, debugfs: no loop device), the real-boot image
+# (tests/realboot/image.py).
 APT_PACKAGES := kmod libkmod2 python3-venv \
                 qemu-system-x86 udev systemd util-linux procps psmisc busybox-static \
                 ca-certificates file initramfs-tools zstd cpio \
-                clang libbpf-dev libbpf1 systemd-journal-remote debootstrap
+                clang libbpf-dev libbpf1 systemd-journal-remote debootstrap e2fsprogs
 
 # The kernel layer's BPF object (kmodd/bpf/kmodd.bpf.c): built here, shipped as package
 # data, so the target needs no compiler.  -g emits the BTF that CO-RE and libbpf need.
@@ -25,7 +27,7 @@ BPF_OBJ     := kmodd/bpf/kmodd.bpf.o
 BPF_CFLAGS  := -O2 -g -Wall -Werror -target bpf -I/usr/include/$(shell uname -m)-linux-gnu
 
 .PHONY: help apt apt-list venv bpf kernel-tree promtool trixie-chroot deb test test-fast \
-        test-debian13 lint demo bench clean
+        test-realboot test-debian13 lint demo bench clean
 
 help:
 	@echo "make test         install everything, then run the whole suite (what CI runs)"
@@ -101,6 +103,11 @@ test: venv kernel-tree promtool
 
 test-fast: venv promtool
 	$(VPY) -m pytest -p no:cacheprovider -m 'not vm and not oracle and not deb' $(PYTEST_ARGS)
+
+# The real-boot VM tests (tests/realboot: a debootstrapped image, systemd as PID 1; root):
+# not yet in `make test` (docs/vm.md says which boots pass and how long they take).
+test-realboot: venv kernel-tree
+	$(VPY) -m pytest -p no:cacheprovider -m realboot tests/realboot $(PYTEST_ARGS)
 
 # The suite on Debian 13 (debootstrap trixie, pivot_root into it, make test inside; root;
 # cached tree): tools/test-debian13 says how and how long.  Not part of `make test`.
