@@ -50,12 +50,22 @@ class ChainShare:
     kmodd_s: float  # time kmodd's units spent on the chain
 
     @property
+    def target_s(self) -> float:
+        """When the default target was reached (the chain's head), in userspace time."""
+        return self.chain[0].at_s
+
+    @property
     def share(self) -> float:
-        return self.kmodd_s / self.userspace_s if self.userspace_s > 0 else 0.0
+        """kmodd's part of the boot's critical chain.  The denominator is the default
+        target's time, not `systemd-analyze time`'s userspace figure: that one waits for
+        every job, kmodd.service's own off-chain build included (measured: 3 min 22 s
+        userspace, the target reached at 1 min 2 s), which would hide kmodd's share."""
+        return self.kmodd_s / self.target_s if self.target_s > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "userspace_s": round(self.userspace_s, 3),
+            "default_target_s": round(self.target_s, 3),
             "kmodd_on_chain_s": round(self.kmodd_s, 3),
             "kmodd_chain_share": round(self.share, 4),
             "kmodd_units_on_chain": [u.unit for u in self.chain if u.unit in KMODD_UNITS],

@@ -180,7 +180,10 @@ def test_update_initramfs_carries_the_denies(first_boot: Boot) -> None:
 
 def test_second_boot_publishes_before_udev(second_boot: Boot) -> None:
     b = second_boot.step("boot")
-    assert b["published"].startswith("boot-publish generation"), b["published"]
+    # /run/kmodd/published is the daemon's by the time the check runs ("daemon generation
+    # N"): the boot step's own record says what it published, and the wait was skipped.
+    publish = _messages(b["unit_journal"]["kmodd-boot-publish.service"])
+    assert "kmodd-boot-publish: published last good generation" in publish, publish
     assert b["units"]["kmodd-boot-wait.service"]["ConditionResult"] == "no"
     assert second_boot.step("sanity")["modprobe_path"] == HELPER
 
@@ -206,7 +209,9 @@ def test_one_record_per_device_at_boot(second_boot: Boot) -> None:
 def test_kmodd_share_of_critical_chain(second_boot: Boot) -> None:
     """Issue 14 item 2's goal, measured: ≤ 5 % of userspace boot time on the chain."""
     share = boot_share(second_boot.step("boot"))
-    assert share.userspace_s > 0
+    assert share.target_s > 0
+    # Measured under TCG: kmodd-boot-publish +6.3 s of 62 s (10 %), 262 ms of it the
+    # publish itself, the rest python3's start and the unit's sandbox under emulation.
     assert share.share <= 0.05, share.as_dict()
 
 
