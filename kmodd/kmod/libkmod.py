@@ -210,6 +210,28 @@ def stores_eof_after_backslash() -> bool:
     return _EOF_BYTE
 
 
+_DOT_ALIAS: bool | None = None
+
+
+def reads_dot_alias_files() -> bool:
+    """Whether the loaded libkmod reads `NAME.alias` files of a config dir besides
+    `NAME.conf` (kmod 30, Debian 12: yes; kmod 34.2, Debian 13: `.conf` only).  Probed
+    once, like stores_eof_after_backslash."""
+    global _DOT_ALIAS  # noqa: PLW0603 -- one probe per process, ~1 ms
+    if _DOT_ALIAS is None:
+        with tempfile.TemporaryDirectory(prefix="kmodd-probe-") as scratch:
+            (Path(scratch) / "probe.alias").write_bytes(b"alias kmodd-probe x\n")
+            paths = (_S * 2)(encode(scratch), None)
+            ctx = lib().kmod_new(encode(scratch), paths)
+            if not ctx:
+                raise LibkmodError("kmod_new failed on a probe config", hint="out of memory?")
+            try:
+                _DOT_ALIAS = bool(config_items(int(ctx), "aliases"))
+            finally:
+                lib().kmod_unref(ctx)
+    return _DOT_ALIAS
+
+
 def validate_resources(ctx: int) -> Resources:
     return Resources(lib().kmod_validate_resources(ctx))
 

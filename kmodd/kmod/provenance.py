@@ -4,9 +4,10 @@ A small reader of the modprobe.d dirs that follows kmod 30's rules exactly
 (libkmod/libkmod-config.c, shared/util.c):
 
 - a config path that is a directory contributes its entries ending in `.conf` (kmod 30
-  also reads `.alias`), never dotfiles, never subdirectories; a path that is a file
-  counts under its basename; all files go into ONE list sorted by strcmp of the
-  basename, and the first path holding a basename wins (a later one is ignored);
+  also reads `.alias`, kmod 34 does not: probed on the loaded libkmod), never dotfiles,
+  never subdirectories; a path that is a file counts under its basename; all files go
+  into ONE list sorted by strcmp of the basename, and the first path holding a basename
+  wins (a later one is ignored);
 - a symlink to /dev/null reads as empty: it masks the same basename further down;
 - `modules.softdep` of the module dir joins the list under that basename;
 - lines: backslash-newline joins (the next line's indentation is kept), any other
@@ -84,8 +85,9 @@ def _entries(path: Path) -> Iterator[tuple[str, Path]]:
         names = [entry.name for entry in path.iterdir()]
     except OSError:
         return
+    suffixes = (".conf", ".alias") if libkmod.reads_dot_alias_files() else (".conf",)
     for name in names:
-        if name.startswith(".") or not (name.endswith(".conf") or name.endswith(".alias")):
+        if name.startswith(".") or not name.endswith(suffixes):
             continue
         if len(name) < 6 or (path / name).is_dir():
             continue

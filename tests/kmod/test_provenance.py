@@ -56,6 +56,17 @@ def test_eof_probe_matches_kmod_30_and_34(kmod34: Kmod34, tmp_path: Path) -> Non
     assert libkmod.stores_eof_after_backslash() is ours[0].endswith("\udcff")
 
 
+def test_dot_alias_probe_matches_kmod_30_and_34(kmod34: Kmod34, tmp_path: Path) -> None:
+    """kmod 30 reads NAME.alias files of a config dir, kmod 34.2 only NAME.conf (the
+    Debian 13 failure of the garbage fuzz); the probe says which the loaded libkmod does."""
+    (tmp_path / "x.alias").write_text("alias kmodd-dot-alias vfat\n")
+    assert _dump(kmod34.argv(), tmp_path) == []
+    ours = _dump(["modprobe"], tmp_path)
+    assert libkmod.reads_dot_alias_files() is (ours == ["alias kmodd_dot_alias vfat"])
+    prov = Provenance([str(tmp_path)], tmp_path / "no-module-dir")
+    assert [ln.target for ln in prov.of("alias")] == (["kmodd_dot_alias"] if ours else [])
+
+
 def test_provenance_reads_a_dangling_backslash_as_libkmod_does(
     tiny_tree: TinyTree, tmp_path: Path
 ) -> None:

@@ -29,7 +29,9 @@ def main(argv: list[str]) -> int:
     subprocess.run(["mount", "--bind", fake, "/proc/cmdline"], check=True)
     config = (str(Path(tmp) / "empty"), str(separator_file(Path(tmp))))
     Path(config[0]).mkdir(exist_ok=True)
-    oracle = Oracle(Path(root), release, config)
+    # kmod's -d takes the dir above lib/modules: ROOT/usr on a merged-/usr (Debian 13) tree
+    base = Path(root) if (Path(root) / "lib/modules").is_dir() else Path(root) / "usr"
+    oracle = Oracle(base, release, config)
     their_r, their_d = oracle.run("-R", names), oracle.run("-D", names)
     diffs = []
     samples = {}

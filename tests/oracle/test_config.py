@@ -22,7 +22,7 @@ END = "# End of configuration files. Dumping indexes now:"
 
 
 def _show_config(tree: KernelTree, config: tuple[str, ...]) -> dict[str, list[str]]:
-    argv = ["modprobe", "-c", "-d", str(tree.root), "-S", tree.release]
+    argv = ["modprobe", "-c", "-d", str(tree.dirname), "-S", tree.release]
     for path in config:
         argv += ["-C", path]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout

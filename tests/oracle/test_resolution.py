@@ -100,7 +100,7 @@ def _open(tree: KernelTree, config: Sequence[str], tmp: Path) -> Iterator[Side]:
     paths = (*config, str(separator_file(tmp)))
     ctx = KmodContext(tree.root, tree.release, config_paths=paths)
     try:
-        yield Side(ctx, Oracle(tree.root, tree.release, paths))
+        yield Side(ctx, Oracle(tree.dirname, tree.release, paths))  # -d: ROOT or ROOT/usr
     finally:
         assert ctx.close(), "a libkmod reference leaked"
 
