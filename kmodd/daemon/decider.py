@@ -103,10 +103,12 @@ class Decider:
         self.kernel_passed = 0  # helper requests answered "allow kernel" (core.decide_line)
         self._generation: Generation | None = None
         self._cache: dict[_Key, Answer] = {}
-        # devpath -> MODALIAS recorded with this generation: at boot kmodd's coldplug scan
-        # and udev's replay (`udevadm trigger`) see every device, which gave 19 deny
-        # records for 10 devices (issue 14); one record per device per generation.
-        self._recorded: dict[str, str] = {}
+        # devpath -> (MODALIAS, its denied modules found loaded) recorded with this
+        # generation: at boot kmodd's coldplug scan and udev's replay (`udevadm trigger`)
+        # see every device, which gave 19 deny records for 10 devices (issue 14). One
+        # record per device per generation, unless what it says changed: a deny followed
+        # by an insmod must be followed by "already loaded", never left standing.
+        self._recorded: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     @property
     def generation(self) -> Generation | None:
@@ -169,19 +171,20 @@ class Decider:
         only_denied: bool = False,
     ) -> Decision | None:
         """A udev or cli decision, counted and journaled (ONLY_DENIED: unless it allows); a
-        DEVICE whose MODALIAS was recorded with this generation is not recorded again."""
+        DEVICE recorded with this generation is not recorded again while its record would
+        say the same (its MODALIAS, and which of its denied modules are loaded)."""
         found = self.answer(name, source)
         if found is None:
             return None
         d = found.decision
-        if device is not None and self._recorded.get(device.devpath) == name:
+        loaded = self._already_loaded(d) if device is not None else ()
+        if device is not None and self._recorded.get(device.devpath) == (name, loaded):
             return d
         if not only_denied or d.verdict is Verdict.DENY:
             if device is not None:
-                self._remember(device.devpath, name)
+                self._remember(device.devpath, (name, loaded))
             self.stats.count(d, found.enforcement)
             assert self._generation is not None
-            loaded = self._already_loaded(d) if device is not None else ()
             record = records.decision(
                 d,
                 self._generation.number,
@@ -193,11 +196,11 @@ class Decider:
             self.sink.emit(record)
         return d
 
-    def _remember(self, devpath: str, modalias: str) -> None:
+    def _remember(self, devpath: str, said: tuple[str, tuple[str, ...]]) -> None:
         self._recorded.pop(devpath, None)  # re-inserted last: FIFO by recording time
         if len(self._recorded) >= DEVICES_RECORDED_MAX:
             del self._recorded[next(iter(self._recorded))]
-        self._recorded[devpath] = modalias
+        self._recorded[devpath] = said
 
     def _already_loaded(self, d: Decision) -> tuple[str, ...]:
         """The denied modules of a device's decision that are in the kernel already (the

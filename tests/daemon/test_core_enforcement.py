@@ -187,6 +187,20 @@ def test_coldplug_then_udevs_replay_records_a_device_once(rig: Rig) -> None:
     assert numbers[-1] != numbers[-2]
 
 
+def test_a_recorded_deny_is_followed_by_already_loaded_after_an_insmod(rig: Rig) -> None:
+    """The VM's e3: coldplug said "denied", an insmod loaded psmouse, udev's add of the same
+    device must then be recorded, or the journal's last word on it is a false "denied"."""
+    coldplug = UdevDevice(UdevAction.COLDPLUG, SERIO.devpath, SERIO.subsystem, SERIO.modalias)
+    rig.core._udev(coldplug)
+    (rig.sys_module / "psmouse").mkdir()
+    (rig.sys_module / "psmouse/initstate").write_text("live\n")
+    rig.core._udev(SERIO)
+    rig.core._udev(SERIO)  # and once said, not again
+    assert device_records(rig, SERIO.devpath) == ["coldplug", "add"]
+    last = [r for r in rig.sent if r.fields.get(Field.DEVPATH) == SERIO.devpath][-1]
+    assert last.message.startswith("already loaded "), last.message
+
+
 def test_an_allowed_coldplug_device_is_recorded_by_the_replay(rig: Rig) -> None:
     """Coldplug records only denies, so the replay's add is a device's one allow record."""
     coldplug = UdevDevice(UdevAction.COLDPLUG, BOCHS.devpath, BOCHS.subsystem, BOCHS.modalias)

@@ -113,7 +113,9 @@ def e2_udev_drivers(guest: Guest) -> dict[str, Any]:
     _uevent(PCSPKR)
     _uevent(SERIO)
     settle = run(["udevadm", "settle", "--timeout=120"], timeout=150)
-    records = wait_records(since, request_is(modalias))
+    # From the boot on: kmodd's coldplug scan at setup recorded this device, and udev's add
+    # here says the same in the same generation, so it adds no record (issue 14).
+    records = wait_records(0, request_is(modalias))
     helper = helper_said(since, "denied psmouse")
     return {
         "reload": reload,

@@ -60,9 +60,11 @@ def test_udev_does_not_load_a_driver_denied_for_udev(enforce_run: VMResult) -> N
     # udev's kmod builtin loads by alias with the blacklist applied: the rendered
     # `blacklist psmouse` makes it skip the module quietly (the install line, and so the
     # stub's log line, is for loads by name: e1).
-    # One record per uevent kmodd saw (its coldplug scan and udev's add may both be there).
+    # One record per device per generation since boot: kmodd's coldplug scan, or udev's add.
     records = decisions(data["journal"], data["modalias"])
     assert records, data["journal"]
+    generations = [r["KMODD_POLICY_GENERATION"] for r in records]
+    assert len(set(generations)) == len(generations), records
     for record in records:
         assert record["KMODD_SOURCE"] == "udev" and record["KMODD_VERDICT"] == "deny"
         assert record["MESSAGE_ID"] == MSG_DENY
