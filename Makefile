@@ -8,7 +8,8 @@ VPY         := $(VENV)/bin/python
 # (every dependency is a wheel: tests/test_packaging.py); qemu runs the real kernel;
 # udev/systemd give the real udevd and journald the runtime tests talk to; virtme-ng
 # reads the kernel release of a vmlinuz with file(1); initramfs-tools (mkinitramfs,
-# lsinitramfs, unmkinitramfs), zstd and cpio build and read real initramfs images for the
+# lsinitramfs, unmkinitramfs), zstd, xz-utils (mkinitramfs -c xz: without it Debian 13's
+# falls back to gzip) and cpio build and read real initramfs images for the
 # early-boot hook's tests (~2.5 s per image); clang (bpf target) and libbpf-dev
 # (bpf_helpers.h) build the kernel layer's BPF object, libbpf1 loads it;
 # systemd-journal-remote (~100 KB) is the fleet collector pair (journal-remote/-upload)
@@ -18,7 +19,7 @@ VPY         := $(VENV)/bin/python
 # (tests/realboot/image.py).
 APT_PACKAGES := kmod libkmod2 python3-venv \
                 qemu-system-x86 udev systemd util-linux procps psmisc busybox-static \
-                ca-certificates file initramfs-tools zstd cpio \
+                ca-certificates file initramfs-tools zstd xz-utils cpio \
                 clang libbpf-dev libbpf1 systemd-journal-remote debootstrap e2fsprogs
 
 # The kernel layer's BPF object (kmodd/bpf/kmodd.bpf.c): built here, shipped as package
