@@ -130,6 +130,8 @@ def _generation_lines(doc: StatusDocument) -> list[str]:
         f"generation:  {gen['number']}  hash {gen['hash'][:12]}",
         f"mode:        {mode}; default {gen['default']}; {gen['rules']} rule(s)",
     ]
+    if gen.get("stands_in"):
+        lines.append(f"POLICY INVALID: {gen['stands_in']}")
     files = gen["files"] or ["(none)"]
     lines += [f"policy:      {files[0]}"] + [f"             {f}" for f in files[1:]]
     return lines

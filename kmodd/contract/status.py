@@ -26,6 +26,9 @@ class GenerationInfo(TypedDict):
     masked: list[str]
     rules: int
     denied_modules: int
+    # Not the admin's policy: the shipped files alone, standing in for an invalid one at a
+    # first start with no last good generation (why, and what to do); None otherwise.
+    stands_in: str | None
 
 
 class ReloadInfo(TypedDict):

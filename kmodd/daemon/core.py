@@ -225,9 +225,26 @@ class Core:
             if self.edges.kernel is not None:  # the kernel's tables with the files
                 self.edges.kernel.apply(gen)
         except Exception as err:  # every failure is reported; the old generation stays
-            took = time.monotonic() - start
-            return _Built(cause, detail, None, tuple(error_lines(err)), took)
+            errors = tuple(error_lines(err))
+            shipped = self._shipped(errors)
+            return _Built(cause, detail, shipped, errors, time.monotonic() - start)
         return _Built(cause, detail, gen, (), time.monotonic() - start)
+
+    def _shipped(self, errors: tuple[str, ...]) -> Generation | None:
+        """Builder thread, after a failed build: with no generation at all (the first
+        build; it is None until the core thread swaps one in) and nothing stored, the
+        shipped policy stands in (kmodd.daemon.lastgood.build_shipped)."""
+        lg = self.edges.last_good
+        if self.generation is not None or lg is None or lg.stored is not None:
+            return None
+        try:
+            gen = lg.build_shipped(self._next_number(), errors, self.tree_index, self.gate)
+            if gen is not None and self.edges.kernel is not None:
+                self.edges.kernel.apply(gen)
+        except Exception as err:  # the policy's own errors are what is reported
+            lg.refused = f"the shipped policy cannot stand in: {err}"
+            return None
+        return gen
 
     def _build_now(self, cause: ReloadCause) -> None:
         """A generation built on this thread (tests; the daemon uses _first_build)."""
@@ -319,7 +336,21 @@ class Core:
 
     def _built(self, built: _Built) -> None:
         error: str | None = None
-        if built.generation is not None:
+        if built.generation is not None and built.errors:  # the shipped policy stands in
+            self._swap(built.generation, built)
+            error = "\n".join(built.errors)
+            self.last_reload = ReloadResult(
+                False,
+                built.cause,
+                built.detail,
+                time.time(),
+                built.duration_s,
+                built.generation.number,
+                built.errors,
+            )
+            self.sink.emit(records.reload_failed(built.errors, self.last_reload.cause_text, None))
+            self.sink.emit(records.notice(str(built.generation.stands_in), Priority.ERR))
+        elif built.generation is not None:
             self._swap(built.generation, built)
         else:
             error = "\n".join(built.errors)
@@ -330,7 +361,7 @@ class Core:
             self.sink.emit(records.reload_failed(built.errors, self.last_reload.cause_text, kept))
             if kept is None and self.edges.last_good is not None:
                 self.edges.last_good.fall_back(built.errors)
-        self.housekeeper.reloaded(built.generation is not None, self.view)
+        self.housekeeper.reloaded(built.generation is not None and not built.errors, self.view)
         if self._building:
             self.edges.notifier.ready(self.status_line())
         for reply in self._waiting:
@@ -464,7 +495,8 @@ class Core:
         if gen is None:
             return "no policy generation (helper falls back to its snapshot)"
         v = self.decider.stats.verdicts
+        shipped = ", POLICY INVALID: shipped policy only" if gen.stands_in else ""
         return (
-            f"generation {gen.number} ({gen.mode.value}); allowed {v[Outcome.ALLOW]}, "
+            f"generation {gen.number} ({gen.mode.value}{shipped}); allowed {v[Outcome.ALLOW]}, "
             f"denied {v[Outcome.DENY]}, would-deny {v[Outcome.WOULD_DENY]}"
         )

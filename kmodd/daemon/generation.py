@@ -88,6 +88,8 @@ class Generation:
     created: float = field(default_factory=time.time)
     # what the build resolved (the snapshot's names): the kernel layer's tables reuse it
     resolutions: Mapping[str, Resolution] = field(default_factory=dict, compare=False, repr=False)
+    # Built from the shipped policy alone, standing in for an invalid one: why (status)
+    stands_in: str | None = None
 
     @property
     def mode(self) -> Mode:
@@ -179,12 +181,18 @@ class _Resolver:
 
 
 def build_generation(
-    number: int, paths: Paths, options: BuildOptions, index: TreeIndex | None = None
+    number: int,
+    paths: Paths,
+    options: BuildOptions,
+    index: TreeIndex | None = None,
+    *,
+    shipped_only: bool = False,
 ) -> Generation:
     """Build generation NUMBER (raises InvalidInputError/KmoddError; nothing published).
-    INDEX: what the previous build kept (the Core passes its own; None: start afresh)."""
+    INDEX: what the previous build kept (the Core passes its own; None: start afresh).
+    SHIPPED_ONLY: from the shipped policy files alone (kmodd.daemon.lastgood)."""
     index = TreeIndex() if index is None else index
-    policy = load_policy(paths)
+    policy = load_policy(paths, shipped_only=shipped_only)
     override = read_mode_override(options.cmdline)
     compiled = engine.compile_policy(policy, mode=override)
     _write_mask(paths)

@@ -6,8 +6,11 @@
 - A generation that lost a policy dir the last good one had files in is refused, unless
   the admin accepted it (`kmodctl reload --accept-removed DIR`).
 - With an invalid policy at start, the stored generation is published (the helper decides
-  from its snapshot, modprobe reads its file) and READY means just that; with neither,
-  the daemon says so and exits EXIT_NO_ENFORCEMENT rather than claim enforcement.
+  from its snapshot, modprobe reads its file) and READY means just that.  With no stored
+  generation (a first boot), the shipped policy alone is built and enforced in its place
+  (build_shipped): the machine keeps the baseline's denies rather than fail open.  With
+  none of these the daemon says so and exits EXIT_NO_ENFORCEMENT rather than claim
+  enforcement.
 - The first build after a boot publish is renumbered to the stored generation when its
   output is the same, so nothing is swapped and one generation keeps one number.
 
@@ -21,6 +24,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from kmodd import bootpublish
 from kmodd.atomic import write_atomic
@@ -123,6 +127,50 @@ class LastGood:
                 self._accepted -= accepted
             self._persist(gen, dirs, built_from)
             self._mark_published(f"daemon generation {gen.number} hash {gen.hash}")
+        return gen
+
+    def build_shipped(
+        self,
+        number: int,
+        errors: Sequence[str],
+        index: TreeIndex | None = None,
+        gate: CommitGate | None = None,
+    ) -> Generation | None:
+        """The policy is invalid (ERRORS) and no generation was ever stored: build and
+        publish generation NUMBER from the shipped files alone (a higher dir's masks
+        honoured), never persisted (it is not the admin's policy).  None when there is
+        nothing shipped or that fails too (said in `refused`).  A broken file at first boot
+        otherwise left the helper with no snapshot: it ran modprobe for every request
+        (issue 14's real boot: nobody's AF_ALG bind loaded algif_aead)."""
+        try:
+            gen = build_generation(number, self.paths, self.options, index, shipped_only=True)
+        except Exception as err:  # said in refused; the caller exits not ready
+            self.refused = f"the shipped policy cannot stand in: {err}"
+            return None
+        if not gen.policy.files:
+            gen.close()
+            self.refused = f"no shipped policy files in /{POLICY_DIRS[0]} to stand in"
+            return None
+        shown = ", ".join(Path(f.path).name for f in gen.policy.files)
+        verb = (
+            "enforcing"
+            if gen.mode is Mode.ENFORCE
+            else f"deciding in {gen.mode.value} mode (nothing blocked) by"
+        )
+        why = (
+            f"policy invalid ({len(errors)} error(s)) and no last good generation: {verb} "
+            f"the shipped policy only (/{POLICY_DIRS[0]}: {shown}) as generation {number}; "
+            "fix the policy, check it with `kmodctl validate`, then `kmodctl reload`"
+        )
+        gen = dataclasses.replace(gen, stands_in=why)
+        with CommitGate().commit() if gate is None else gate.commit():
+            try:
+                gen = publish(gen)
+            except BaseException:
+                gen.close()
+                raise
+            self._highest = max(self._highest, gen.number)
+            self._mark_published(f"daemon shipped-policy generation {gen.number} hash {gen.hash}")
         return gen
 
     def _same_as_stored(self, gen: Generation, built_from: persist.Inputs) -> Generation:

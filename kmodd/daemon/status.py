@@ -49,6 +49,7 @@ def _generation(core: CoreView) -> GenerationInfo | None:
         masked=list(gen.policy.masked),
         rules=len(gen.compiled.rules),
         denied_modules=len(gen.denied_modules),
+        stands_in=gen.stands_in,
     )
 
 

@@ -50,6 +50,29 @@ def collect_policy_files(paths: Paths) -> tuple[list[Path], list[Path]]:
     return [p for p in files if p not in masked], masked
 
 
+def collect_shipped_files(paths: Paths) -> tuple[list[Path], list[Path]]:
+    """The shipped policy (the lowest dir: what the package installed), in basename order,
+    minus the basenames a higher dir masks; and those masks.  A shipped file that a higher
+    dir replaces is kept: the replacement may be what is broken (kmodd.daemon.lastgood)."""
+    try:
+        _files, masked = collect_policy_files(paths)
+    except InvalidInputError:
+        masked = []  # a refused (unsafe, unlistable) dir's masks are nobody's word
+    shipped_dir = paths.policy_dirs[0]
+    masked_names = {p.name for p in masked}
+    try:
+        names = sorted(entry.name for entry in shipped_dir.iterdir())
+    except OSError:
+        return [], masked
+    _check_dir(shipped_dir)
+    shipped = [
+        shipped_dir / name
+        for name in names
+        if name.endswith(SUFFIX) and not name.startswith(".") and name not in masked_names
+    ]
+    return [p for p in shipped if not _is_mask(p)], masked
+
+
 def _check_dir(directory: Path) -> None:
     """Whoever can write a policy dir can delete or mask root's files in it, and whoever
     can write (or owns) one of its parents can rename it away: both refused like an
@@ -153,9 +176,10 @@ def _single(path: Path, message: str, hint: str | None = None) -> InvalidInputEr
     return InvalidInputError([Issue(str(path), 0, 0, message, hint)], what=str(path))
 
 
-def load_policy(paths: Paths) -> PolicySet:
-    """Load the drop-in dirs under the root of PATHS (see the module docstring)."""
-    files, masked = collect_policy_files(paths)
+def load_policy(paths: Paths, *, shipped_only: bool = False) -> PolicySet:
+    """Load the drop-in dirs under the root of PATHS (see the module docstring); with
+    SHIPPED_ONLY the shipped files alone (collect_shipped_files)."""
+    files, masked = (collect_shipped_files if shipped_only else collect_policy_files)(paths)
     policy = load_policy_files(files)
     return PolicySet(
         files=policy.files,

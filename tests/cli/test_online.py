@@ -94,6 +94,7 @@ def status_doc(**over: Any) -> StatusDocument:
             masked=[],
             rules=3,
             denied_modules=0,
+            stands_in=None,
         ),
         mode="permissive",
         last_reload=ReloadInfo(

@@ -15,6 +15,7 @@ import pytest
 
 from kmodd import bootpublish, helper
 from kmodd.daemon.lastgood import EXIT_NO_ENFORCEMENT
+from kmodd.paths import POLICY_DIRS
 from tests.conftest import root_required
 from tests.daemon.running import BASE_POLICY, REPO, Daemon, SystemRoot, make_root, run_helper
 from tests.kerneltree import KernelTree
@@ -212,6 +213,70 @@ def test_invalid_policy_and_no_store_is_not_ready(sr: SystemRoot) -> None:
     assert proc.returncode == EXIT_NO_ENFORCEMENT, proc.stderr[-2000:]
     assert "no enforcement" in proc.stderr and "no last good generation" in proc.stderr
     assert (sr.runtime / bootpublish.PUBLISHED_FILE).read_text().startswith("none: ")
+
+
+def ship_baseline(sr: SystemRoot) -> Path:
+    """The repo's baseline where the package and `kmodctl install` put it."""
+    shipped = sr.root / POLICY_DIRS[0]
+    shipped.mkdir(parents=True)
+    return Path(shutil.copy(REPO / "policies/10-baseline.yaml", shipped))
+
+
+def kmod_plan(sr: SystemRoot, name: str) -> list[str]:
+    """kmod's own `modprobe -n -v NAME` with the published enforcement file."""
+    argv = ["modprobe", "-n", "-v", "-d", str(sr.root), "-S", sr.release]
+    argv += ["-C", str(sr.enforcement.parent), "--", name]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    return proc.stdout.splitlines()
+
+
+def test_invalid_policy_at_first_start_enforces_the_shipped_policy(sr: SystemRoot) -> None:
+    """Issue 14's real first boot: a broken file and no store left the helper with no
+    snapshot, so it ran modprobe for everyone (algif_aead loaded).  The shipped baseline
+    stands in, loudly, until the policy is fixed; it is never persisted as last good."""
+    ship_baseline(sr)
+    sr.write_policy("kmodd: 1\nrules:\n  - id: x\n    action: deny\n    match: {modul: [a]}\n")
+    daemon = Daemon(sr).start()
+    doc = daemon.status()
+    gen = doc["generation"]
+    assert gen is not None and gen["stands_in"] is not None, doc
+    assert "enforcing the shipped policy only" in gen["stands_in"], gen
+    assert "10-baseline.yaml" in gen["stands_in"]
+    assert doc["last_reload"]["ok"] is False
+    assert any("10-test.yaml:5" in e for e in doc["last_reload"]["errors"]), doc["last_reload"]
+    assert doc["last_good"]["stored"] is None  # not the admin's policy: never last good
+    # Asked of the enforcers: the daemon's helper answer, kmod's own plan, the snapshot.
+    assert run_helper(sr, "-q", "--", "algif-aead") == (1, None)
+    plan = kmod_plan(sr, "algif_aead")
+    assert any(line.startswith("install ") and "--deny algif_aead" in line for line in plan)
+    assert not any("algif_aead.ko" in line for line in plan), plan  # af_alg, its dep, may
+    assert run_helper(sr, "-q", "--", "dummy")[1] is not None  # the rest still loads
+    text = kmodctl(sr, "status").stdout
+    assert "POLICY INVALID: " in text, text
+    assert daemon.stop() == 0
+    assert run_helper(sr, "-q", "--", "algif-aead") == (1, None)  # the snapshot, no daemon
+    log = daemon.log.read_text()
+    assert "enforcing the shipped policy only" in log and "reload failed" in log
+    # Fixed: the admin's policy decides again and becomes the last good.
+    sr.write_policy(BASE_POLICY.replace("id: copy-fail", "id: site-aead"))  # ids are unique
+    daemon = Daemon(sr).start()
+    doc = daemon.wait_status(lambda d: d["last_good"]["stored"] is not None)
+    assert doc["generation"]["stands_in"] is None and doc["last_reload"]["ok"] is True
+    assert daemon.stop() == 0
+
+
+def test_invalid_policy_with_the_shipped_policy_masked_is_not_ready(sr: SystemRoot) -> None:
+    """The admin masked the baseline: it does not stand in against that (EXIT_NO_ENFORCEMENT)."""
+    ship_baseline(sr)
+    (sr.policy_dir / "10-baseline.yaml").symlink_to("/dev/null")
+    sr.write_policy("kmodd: 2\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_"))}
+    proc = subprocess.run(
+        [*Daemon(sr).argv(), "--log-stderr"], capture_output=True, text=True, env=env, cwd=REPO,
+        timeout=200, check=False,
+    )  # fmt: skip
+    assert proc.returncode == EXIT_NO_ENFORCEMENT, proc.stderr[-2000:]
+    assert "no shipped policy files" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_removed_policy_dir_keeps_the_last_good_until_accepted(sr: SystemRoot) -> None:

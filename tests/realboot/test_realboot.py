@@ -229,19 +229,19 @@ def test_kmodctl_uninstall_cleans_up(second_boot: Boot) -> None:
 
 
 def test_broken_policy_at_first_boot_is_safe_and_says_so(broken_boot: Boot) -> None:
-    """No restart loop, the boot goes on, and every part says what it did: kmodd (exit
-    78, no enforcement), the boot step (kmodd enforces nothing), the helper (each request:
-    no valid snapshot, running modprobe).  Measured: with no generation ever built the
-    helper fails open, nobody's aead bind loads algif_aead (docs/vm.md, notes)."""
+    """No restart loop, the boot goes on, and every part says what it did.  With no
+    generation ever stored the shipped policy stands in (before: exit 78 and a helper with
+    no snapshot running modprobe for everyone); this boot's command line says permissive,
+    so it decides would-deny for the baseline's rules and blocks nothing."""
     f = broken_boot.step("broken")
     k = f["kmodd"]
-    assert k["ExecMainStatus"] == "78" and k["NRestarts"] == "0", k
-    assert f["published"].startswith("none"), f["published"]
+    assert k["ActiveState"] == "active" and k["NRestarts"] == "0", k
+    assert f["published"].startswith("daemon shipped-policy generation"), f["published"]
     text = _messages(f["kmodd_journal"])
     assert "01-realboot-broken.yaml" in text, text
-    assert "no enforcement" in text, text
-    assert "kmodd enforces nothing" in text, text  # kmodd-boot-wait, then udev went on
-    assert "no valid snapshot, running modprobe" in _messages(f["records"]), f["records"]
+    assert "the shipped policy only" in text, text
+    would = [r for r in f["records"] if r.get("MESSAGE_ID") == MSG_WOULD_DENY]
+    assert "copy-fail" in [r["KMODD_RULE"] for r in would], f["records"]  # nobody's aead
     assert broken_boot.step("boot")["waited_s"] < 420  # the boot finished
 
 
