@@ -69,18 +69,20 @@ $(BPF_OBJ): kmodd/bpf/kmodd.bpf.c | apt
 kernel-tree: venv
 	$(VPY) -m tests.kerneltree
 
-# promtool (`promtool check metrics`, tests/daemon/test_metrics.py) from Debian's prometheus
-# package: only that one 48 MB binary is taken out of the 19 MB .deb (apt-get download, no
-# install), since installing the package would add the 50 MB server, its web assets and a
-# prometheus.service listening on :9090 to every CI machine.  ~5 s, once (cached).
+# promtool (`promtool check metrics`, tests/daemon/test_metrics.py): Debian 13 packages it
+# alone (`promtool`); Debian 12 only inside `prometheus`, whose one 48 MB binary is taken
+# out of the 19 MB .deb (apt-get download, no install), since installing the package would
+# add the 50 MB server, its web assets and a prometheus.service listening on :9090 to every
+# CI machine.  ~5 s, once (cached).
 PROMTOOL    := .cache/promtool/promtool
 promtool: $(PROMTOOL)
 
+PROMTOOL_DEB = apt-get download -qq promtool 2>/dev/null || apt-get download -qq prometheus
 $(PROMTOOL):
 	rm -rf $(@D)/deb && mkdir -p $(@D)/deb
-	cd $(@D)/deb && { apt-get download -qq prometheus 2>/dev/null || \
-	    { apt-get update -qq && apt-get download -qq prometheus; }; }
-	dpkg-deb --fsys-tarfile $(@D)/deb/prometheus_*.deb | tar -xO ./usr/bin/promtool > $@.tmp
+	cd $(@D)/deb && { { $(PROMTOOL_DEB); } || \
+	    { apt-get update -qq && { $(PROMTOOL_DEB); }; }; }
+	dpkg-deb --fsys-tarfile $(@D)/deb/*.deb | tar -xO ./usr/bin/promtool > $@.tmp
 	chmod 755 $@.tmp && $@.tmp --version >/dev/null && mv $@.tmp $@ && rm -rf $(@D)/deb
 
 # Optional: a Debian 13 chroot for experiments with its kmod 34.2 (the tests do not need
