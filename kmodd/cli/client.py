@@ -11,7 +11,10 @@ from kmodd import wire
 from kmodd.errors import KmoddError
 
 CALL_TIMEOUT_S = 10.0
-RELOAD_TIMEOUT_S = 150.0  # a reload builds a generation (~2 s); the daemon gives up at 120 s
+# A reload builds a generation (~1 s natively, minutes under emulation): the daemon bounds
+# the call itself (twice its slowest build + 30 s, at least 120 s: Core.call_timeout), so
+# this only catches a daemon that stopped answering; --start-cap's 1200 s, and a minute.
+RELOAD_TIMEOUT_S = 1260.0
 
 
 class DaemonNotRunningError(KmoddError):

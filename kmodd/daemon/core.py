@@ -45,7 +45,7 @@ from kmodd.daemon.generation import BuildOptions, Generation, build_generation, 
 from kmodd.daemon.housekeeping import Housekeeper
 from kmodd.daemon.journal import JournalSink
 from kmodd.daemon.ports import Edges
-from kmodd.daemon.server import Kind, Peer, Server
+from kmodd.daemon.server import CONTROL_CALL_TIMEOUT_S, Kind, Peer, Server
 from kmodd.daemon.startup import (
     EXIT_START_GAVE_UP,
     CommitGate,
@@ -64,6 +64,9 @@ TICK_S = 5.0  # tamper check and STATUS= refresh; the watchdog may ask for a sho
 KERNEL_PASSED = b"allow kernel\n"  # the kernel layer allowed this requester (decide_line)
 Reply = Callable[[str | None], None]
 Respond = Callable[[bytes], None]
+
+
+RELOAD_MARGIN_S = 30.0  # on top of two builds: kmodctl's own start, the publish, the reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,7 @@ class Core:
         self.limits = StartLimits() if limits is None else limits
         self.gate = CommitGate()  # closed when stopping: no half-published generation
         self._builder: threading.Thread | None = None
+        self._slowest_build_s = 0.0  # the reload call's deadline follows it (call_timeout)
 
     @property
     def generation(self) -> Generation | None:
@@ -336,6 +340,7 @@ class Core:
 
     def _built(self, built: _Built) -> None:
         error: str | None = None
+        self._slowest_build_s = max(self._slowest_build_s, built.duration_s)
         if built.generation is not None and built.errors:  # the shipped policy stands in
             self._swap(built.generation, built)
             error = "\n".join(built.errors)
@@ -451,6 +456,15 @@ class Core:
 
     def control(self, call: wire.Call, peer: Peer, respond: Respond) -> None:
         control.dispatch(self, call, peer, respond)
+
+    def call_timeout(self, call: wire.Call) -> float:
+        """A reload may wait for the build under way and then its own (coalesced): twice
+        the slowest build seen, plus a margin.  Under TCG builds take 70-480 s, so the
+        fixed 120 s failed a real boot's `systemctl reload` after a watched edit (issue 14)
+        although its generation was built."""
+        if call.method is not wire.Method.RELOAD:
+            return CONTROL_CALL_TIMEOUT_S
+        return max(CONTROL_CALL_TIMEOUT_S, 2 * self._slowest_build_s + RELOAD_MARGIN_S)
 
     def accept_removed(self, values: object) -> str | None:
         """`kmodctl reload --accept-removed DIR`: None, or why VALUES are refused."""

@@ -32,7 +32,10 @@ from kmodd.errors import KmoddError
 
 DECIDE_CONN_TIMEOUT_S = 1.0  # the helper gives up after DECIDE_TIMEOUT_S (0.5 s) anyway
 CONTROL_IDLE_TIMEOUT_S = 30.0
-CONTROL_CALL_TIMEOUT_S = 120.0  # a reload builds a whole generation (~1 s on Debian's tree)
+# A call's answer is due in this time (a reload: Handler.call_timeout, which follows the
+# builds it has seen: ~1 s natively, 70-480 s under TCG, and a reload queued behind a
+# running build waits for two).
+CONTROL_CALL_TIMEOUT_S = 120.0
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; not in Python 3.11
 PEERGROUPS_MAX = 256
 ROOT_ONLY = frozenset({wire.Method.RELOAD, wire.Method.DECIDE})
@@ -84,6 +87,8 @@ class Handler(Protocol):
     ) -> bytes | None: ...  # None: parked, RESPOND answers later
 
     def control(self, call: wire.Call, peer: Peer, respond: Callable[[bytes], None]) -> None: ...
+
+    def call_timeout(self, call: wire.Call) -> float: ...  # seconds until CALL is dropped
 
     def refused(self, kind: Kind, peer: Peer, what: str) -> None: ...
 
@@ -363,7 +368,7 @@ class Server:
             self._send(conn, error)
             return
         conn.busy = True
-        conn.deadline = self._clock() + CONTROL_CALL_TIMEOUT_S
+        conn.deadline = self._clock() + self._handler.call_timeout(call)
 
         def respond(reply: bytes) -> None:
             if conn.closed:

@@ -178,6 +178,9 @@ class _Decider:
     def control(self, call: object, peer: server.Peer, respond: object) -> None:
         raise AssertionError("no control calls here")
 
+    def call_timeout(self, call: object) -> float:
+        return server.CONTROL_CALL_TIMEOUT_S
+
     def refused(self, kind: server.Kind, peer: server.Peer, what: str) -> None:
         raise AssertionError(f"refused: {what}")
 
