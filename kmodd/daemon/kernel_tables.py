@@ -29,6 +29,7 @@ from pathlib import Path
 from kmodd.bpf.layer import Tables, denied_files
 from kmodd.bpf.layout import CONDS_MAX, NO_RULE, Condition, Mode, NameRules, Verdict
 from kmodd.daemon.generation import Generation
+from kmodd.kmod.context import UnknownModuleError
 from kmodd.kmod.model import Resolution
 from kmodd.policy import compiler, engine
 from kmodd.policy.engine import Decision, Request
@@ -131,7 +132,13 @@ def compile_tables(gen: Generation, *, sys_module: Path = Path("/sys/module")) -
         )
     paths = []
     for module in sorted(gen.denied_modules):
-        info = gen.kmod.module_info(module)
+        try:
+            info = gen.kmod.module_info(module)
+        except UnknownModuleError:
+            # An install line for a request name no module carries (a request rule such as
+            # `request: [net-pf-4]` on 6.1): no file to refuse.  Raising here emptied the
+            # whole layer for every other rule (make bench's VM run found it).
+            continue
         if info.path is not None:
             paths.append((info.path, rule_index.get(_module_rule(gen, module), NO_RULE)))
     files = denied_files(paths)

@@ -141,6 +141,30 @@ def test_denied_module_files_by_identity(sr: SystemRoot) -> None:
         gen.close()
 
 
+NO_MODULE_REQUEST = """\
+kmodd: 1
+rules:
+  - id: no-ipx
+    action: deny
+    match: {request: [net-pf-4]}
+"""
+
+
+def test_a_denied_request_name_without_a_module_keeps_the_layer(sr: SystemRoot) -> None:
+    """net-pf-4 has no module in 6.1: its rendered install line names no file.  The other
+    rules' tables must still be built (it emptied them, kernel layer inactive)."""
+    gen = build(sr, BASE_POLICY, NO_MODULE_REQUEST)
+    try:
+        assert "net_pf_4" in gen.denied_modules or "net-pf-4" in gen.denied_modules
+        tables = compile_tables(gen).tables
+        path = gen.kmod.module_info("algif_aead").path
+        assert path is not None
+        assert [ident for ident, _ in tables.files] == [FileIdentity.of(path)]
+        assert "algif_aead" in tables.names or "algif-aead" in tables.names
+    finally:
+        gen.close()
+
+
 def test_load_data_is_denied_only_where_no_loader_needs_it(tmp_path: Path) -> None:
     (tmp_path / "modules.dep").write_text("kernel/fs/vfat.ko.xz: kernel/fs/fat.ko.xz\n")
     assert load_data_verdict(tmp_path, tmp_path / "sys") is Verdict.ALLOW
