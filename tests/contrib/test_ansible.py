@@ -117,7 +117,7 @@ class Controller:
         vars_file.write_text(json.dumps(facts))
         modules = self.target.root / "lib/modules" / self.tree.release
         modules.mkdir(parents=True, exist_ok=True)
-        source = self.tree.root / "lib/modules" / self.tree.release
+        source = self.tree.module_dir  # usr/lib/modules on Debian 13's (merged-/usr) tree
         argv = [str(REPO / ".venv/bin/ansible-playbook"), "-i", str(self.inventory())]
         argv += [str(CONTRIB / "playbook.yml"), "-e", f"@{vars_file}", *extra]
         script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'

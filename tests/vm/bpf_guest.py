@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import lzma
 import os
 import shlex
 import signal
@@ -32,8 +33,19 @@ from tests.vm.guest import OUT, Guest, loaded_modules, run, run_plan, wait_until
 SHARED = Path(os.environ.get("KMODD_VM_SHARED", "/tmp"))
 RELEASE = os.environ.get("KMODD_VM_RELEASE", os.uname().release)
 MODDIR = Path("/lib/modules") / RELEASE / "kernel"
-DENIED_KO = MODDIR / "drivers/net/dummy.ko"
-CONTROL_KO = MODDIR / "drivers/net/ifb.ko"
+
+
+def _module(stem: str) -> Path:
+    """STEM's file as the tree has it: .ko on Debian 12's 6.1, .ko.xz on Debian 13's 6.12."""
+    for suffix in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
+        path = MODDIR / f"{stem}{suffix}"
+        if path.exists():
+            return path
+    return MODDIR / f"{stem}.ko"
+
+
+DENIED_KO = _module("drivers/net/dummy")
+CONTROL_KO = _module("drivers/net/ifb")
 COUNTER = SHARED / "count-helper.sh"
 RUNS = SHARED / "helper-runs.txt"
 TRIGGER = Path(__file__).with_name("trigger.py")
@@ -350,6 +362,8 @@ def _init_module(path: Path) -> int:
     """init_module(2) from memory: 0 or the errno."""
     libc = ctypes.CDLL(None, use_errno=True)
     image = path.read_bytes()
+    if path.suffix == ".xz":  # what kmod < 31 does: decompress, then init_module
+        image = lzma.decompress(image)
     rc = libc.syscall(175, ctypes.c_char_p(image), ctypes.c_ulong(len(image)), b"")
     return 0 if rc == 0 else ctypes.get_errno()
 
@@ -371,10 +385,11 @@ def s_files(_guest: Guest) -> dict[str, Any]:
         },
         "events": wait_events(
             EVENTS_A,
-            lambda e: e["kind"] == "LOAD_DATA" or e["name"] in ("dummy.ko", "ifb.ko"),
+            lambda e: e["kind"] == "LOAD_DATA" or e["name"] in (DENIED_KO.name, CONTROL_KO.name),
             4,
         ),
         "modules": loaded_modules(),
+        "denied_file": DENIED_KO.name,
     }
 
 
@@ -422,7 +437,7 @@ def s_permissive(_guest: Guest) -> dict[str, Any]:
         "helper_runs": len(helper_runs()) - before,
         "insmod": insmod,
         "events": ev_by(EVENTS_B, "net-pf-4", pid),
-        "file_events": wait_events(EVENTS_B, lambda e: e["name"] == "dummy.ko"),
+        "file_events": wait_events(EVENTS_B, lambda e: e["name"] == DENIED_KO.name),
         "modules": loaded_modules(),
         "enforce": _ctl("enforce"),
     }
