@@ -10,9 +10,9 @@ from tests.kerneltree import (
     KernelTree,
     KernelTreeError,
     Kmod34,
-    ensure_kernel_tree,
     ensure_kmod34,
     ensure_trixie_tree,
+    selected_tree,
 )
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -31,9 +31,7 @@ def kernel_tree() -> KernelTree:
     inside tools/test-debian13 gets), to reproduce a Debian 13 failure on Debian 12.
     """
     try:
-        if os.environ.get("KMODD_TEST_KERNEL") == "trixie":
-            return ensure_trixie_tree()
-        return ensure_kernel_tree()
+        return selected_tree()
     except KernelTreeError as err:
         if IN_CI:
             pytest.fail(f"kernel tree unavailable in CI: {err}")

@@ -309,6 +309,15 @@ class TrixieApt:
         raise KernelTreeError(f"trixie: cannot find the image package {META_PACKAGE} depends on")
 
 
+def selected_tree() -> KernelTree:
+    """The tree the suite runs on: Debian 13's with KMODD_TEST_KERNEL=trixie (on this
+    Debian 12 machine: the VM tests then boot 6.12 with Debian 12's userspace), else the
+    current Debian release's."""
+    if os.environ.get("KMODD_TEST_KERNEL") == "trixie":
+        return ensure_trixie_tree()
+    return ensure_kernel_tree()
+
+
 def _trixie() -> tuple[Path, TrixieApt]:
     directory = cache_dir() / TRIXIE_DIR
     apt = TrixieApt(directory / "apt")

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.kerneltree import KernelTree, ensure_kernel_tree
+from tests.kerneltree import KernelTree, selected_tree
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
@@ -242,7 +242,7 @@ def boot(
     The script finds its environment in KMODD_VM_OUT (write NAME.json there),
     KMODD_VM_SHARED, KMODD_VM_REPO (the repository, also the cwd) and KMODD_VM_RELEASE.
     """
-    tree = tree or ensure_kernel_tree()
+    tree = tree or selected_tree()
     shared = Path(tempfile.mkdtemp(prefix="kmodd-vm-"))
     started = time.monotonic()
     try:
