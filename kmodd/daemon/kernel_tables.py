@@ -22,6 +22,8 @@ what the policy decides from facts the kernel does not take.  So:
 
 from __future__ import annotations
 
+import functools
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,21 +87,49 @@ def name_rules(
     return NameRules(tuple(conds), Verdict.ALLOW, rule)
 
 
-def load_data_verdict(module_dir: Path, sys_module: Path = Path("/sys/module")) -> Verdict:
+# kmod passes compressed files to finit_module(MODULE_INIT_COMPRESSED_FILE) from 31 on;
+# kmod 30 (Debian 12) always decompresses in userspace and calls init_module.
+KMOD_FINIT_COMPRESSED = 31
+
+
+def load_data_verdict(
+    module_dir: Path,
+    sys_module: Path = Path("/sys/module"),
+    kmod_version: int | None = None,
+) -> Verdict:
     """DENY when kmod never needs init_module from memory here: the tree's modules are
-    uncompressed (Debian 12's 6.1) or the kernel decompresses them itself
-    (/sys/module/compression, kmod >= 33 then uses finit_module).  Otherwise ALLOW: kmod
-    decompresses in userspace and calls init_module for every module, which a deny would
-    break for all of them -- the status says so (a compressed module of a denied name
-    is still refused by its request name and by modprobe.d)."""
-    if (sys_module / "compression").exists():
-        return Verdict.DENY
+    uncompressed (Debian 12's 6.1), or the kernel decompresses them itself
+    (/sys/module/compression) and kmod (KMOD_VERSION, `modprobe --version`) is new enough
+    to let it.  Otherwise ALLOW: kmod decompresses in userspace and calls init_module for
+    every module, which a deny would break for all of them (measured: 6.12 under Debian
+    12's kmod 30 refused root's every modprobe) -- the status says so (a compressed module
+    of a denied name is still refused by its request name and by modprobe.d)."""
     try:
         with (module_dir / "modules.dep").open() as dep:
             first = dep.readline().split(":", 1)[0]
     except OSError:
-        return Verdict.ALLOW
-    return Verdict.ALLOW if first.endswith(COMPRESSED) else Verdict.DENY
+        first = ""
+    if first and not first.endswith(COMPRESSED):
+        return Verdict.DENY  # nothing to decompress: no loader needs init_module
+    kernel_decompresses = (sys_module / "compression").exists()
+    new_kmod = kmod_version is not None and kmod_version >= KMOD_FINIT_COMPRESSED
+    return Verdict.DENY if kernel_decompresses and new_kmod else Verdict.ALLOW
+
+
+@functools.lru_cache(maxsize=4)
+def kmod_version(modprobe: str = "/sbin/modprobe") -> int | None:
+    """N of `kmod version N` (modprobe --version), None when it cannot be told."""
+    try:
+        out = subprocess.run(
+            [modprobe, "--version"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = out.split()
+    if len(words) >= 3 and words[:2] == ["kmod", "version"]:
+        number = words[2].split(".", 1)[0]
+        return int(number) if number.isdigit() else None
+    return None
 
 
 def compile_tables(gen: Generation, *, sys_module: Path = Path("/sys/module")) -> Compiled:
@@ -143,7 +173,7 @@ def compile_tables(gen: Generation, *, sys_module: Path = Path("/sys/module")) -
             paths.append((info.path, rule_index.get(_module_rule(gen, module), NO_RULE)))
     files = denied_files(paths)
     mode = Mode.ENFORCE if gen.mode is PolicyMode.ENFORCE else Mode.PERMISSIVE
-    load_data = load_data_verdict(gen.paths.module_dir, sys_module)
+    load_data = load_data_verdict(gen.paths.module_dir, sys_module, kmod_version())
     tables = Tables(names, files, mode, load_data, gen.number)
     what += f"; {len(files)} denied module files; init_module from memory {load_data.name.lower()}"
     return Compiled(tables, rule_ids, what, domain)
