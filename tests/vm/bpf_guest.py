@@ -61,6 +61,7 @@ RANGE = (1000, 1999)
 CONCURRENT = 50
 LATENCY_ROUNDS = 30
 PR_SET_NAME = 15
+MODULE_INIT_COMPRESSED_FILE = 4  # finit_module flag (include/uapi/linux/module.h)
 
 
 def tables(generation: int = 1) -> Any:
@@ -80,7 +81,16 @@ def tables(generation: int = 1) -> Any:
         "": NameRules((Condition(deny, R_USERNS, userns=True),)),
     }
     files = denied_files([(str(DENIED_KO), R_FILE)])
-    return Tables(names, files, Mode.ENFORCE, Verdict.DENY, generation)
+    return Tables(names, files, Mode.ENFORCE, load_data(), generation)
+
+
+def load_data() -> Any:
+    """The daemon's kernel_load_data verdict for this guest's kernel, tree and kmod: DENY
+    on 6.1 (uncompressed) and on 6.12 under kmod >= 31; ALLOW on 6.12 under Debian 12's kmod
+    30, which decompresses .ko.xz itself and loads every module through init_module."""
+    from kmodd.daemon.kernel_tables import kmod_version, load_data_verdict  # noqa: PLC0415
+
+    return load_data_verdict(MODDIR.parent, kmod_version=kmod_version())
 
 
 # --- the holder and control processes ----------------------------------------------------
@@ -368,14 +378,42 @@ def _init_module(path: Path) -> int:
     return 0 if rc == 0 else ctypes.get_errno()
 
 
+def _finit_compressed(path: Path) -> int:
+    """finit_module(2) of a compressed file, the kernel decompressing (what kmod >= 31
+    does): 0 or the errno."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        rc = libc.syscall(313, fd, b"", MODULE_INIT_COMPRESSED_FILE)
+        return 0 if rc == 0 else ctypes.get_errno()
+    finally:
+        os.close(fd)
+
+
 def s_files(_guest: Guest) -> dict[str, Any]:
     """Loads that never ask for a name: insmod by path, modprobe --ignore-install, and
-    init_module from memory, of a denied module file; insmod of another file works."""
+    init_module from memory, of a denied module file; insmod of another file works.
+    Where the layer must allow init_module (load_data ALLOW: kmod < 31 decompressing
+    .ko.xz), the file is still refused when the kernel reads it (finit_module, the
+    kernel decompressing), and init_module from memory loads it: the documented gap."""
     st = DENIED_KO.stat()
+    verdict = load_data().name
+    since = time.monotonic_ns()  # bpf_ktime_get_ns: earlier steps' kmod 30 loads are LOAD_DATA
+    if verdict == "DENY":
+        loads = {
+            "insmod": run(["insmod", str(DENIED_KO)]),
+            "ignore_install": run(["modprobe", "--ignore-install", "dummy"]),
+            "init_module_errno": _init_module(DENIED_KO),
+        }
+    else:
+        loads = {
+            "finit_compressed_errno": _finit_compressed(DENIED_KO),
+            "init_module_errno": _init_module(DENIED_KO),
+            "rmmod": run(["rmmod", "dummy"]),  # the later steps load it again
+        }
     return {
-        "insmod": run(["insmod", str(DENIED_KO)]),
-        "ignore_install": run(["modprobe", "--ignore-install", "dummy"]),
-        "init_module_errno": _init_module(DENIED_KO),
+        "load_data": verdict,
+        **loads,
         "control": run(["insmod", str(CONTROL_KO)]),
         "stat": {
             "dev": st.st_dev,
@@ -385,8 +423,11 @@ def s_files(_guest: Guest) -> dict[str, Any]:
         },
         "events": wait_events(
             EVENTS_A,
-            lambda e: e["kind"] == "LOAD_DATA" or e["name"] in (DENIED_KO.name, CONTROL_KO.name),
-            4,
+            lambda e: (
+                e["ktime_ns"] >= since
+                and (e["kind"] == "LOAD_DATA" or e["name"] in (DENIED_KO.name, CONTROL_KO.name))
+            ),
+            4 if verdict == "DENY" else 3,
         ),
         "modules": loaded_modules(),
         "denied_file": DENIED_KO.name,
@@ -431,7 +472,10 @@ def s_permissive(_guest: Guest) -> dict[str, Any]:
     before = len(helper_runs())
     pid = as_user(1000, AF_IPX)
     wait_child(pid)
-    insmod = run(["insmod", str(DENIED_KO)])
+    if load_data().name == "DENY":
+        insmod = run(["insmod", str(DENIED_KO)])
+    else:  # kmod 30's insmod would decompress: no file for the layer to see
+        insmod = {"rc": _finit_compressed(DENIED_KO), "how": "finit_module, compressed"}
     return {
         "ctl": switched,
         "helper_runs": len(helper_runs()) - before,
