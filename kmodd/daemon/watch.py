@@ -43,6 +43,11 @@ from kmodd.paths import Paths
 
 MAX_DELAY_S = 1.0  # a steady stream of writes still reloads at least once a second
 RECONCILE_S = 5.0  # cost: a few stat/listdir calls over ~8 small dirs
+# A change the reconcile finds may still have its inotify event on the way (the observer
+# thread lags under load; watchdog holds an unpaired rename 0.5 s).  Posted at once, that
+# event became a second reload of the same files (seen under TCG: one policy write, two
+# generations), so the reconcile's finding waits this long in the debounce for it.
+RECONCILE_SETTLE_S = 1.0
 PATHS_MAX = 4096  # names carried in one FilesChanged (the log), the rest are counted
 # Names editors and tools write next to the real file (vim .swp/~, sed -i's sedXXXXXX,
 # depmod's *.tmp, emacs #x#, dpkg leftovers); they never matter by themselves.
@@ -302,7 +307,18 @@ class Watcher:
         if now != self._fingerprint:
             changed = {entry[0] for entry in now ^ self._fingerprint}
             self._fingerprint = now
-            self._emit(changed)
+            self._settle(changed)
+
+    def _settle(self, changed: set[str]) -> None:
+        """Queue what a reconcile found as a burst due in RECONCILE_SETTLE_S (sooner once
+        inotify's own events for it arrive and go quiet): one FilesChanged for both."""
+        with self._cond:
+            start = time.monotonic()
+            if not self._pending:
+                self._first = start
+            self._last = max(self._last, start + RECONCILE_SETTLE_S - self._debounce_s)
+            self._pending.update(changed)
+            self._cond.notify_all()
 
     def _emit(self, changed: set[str]) -> None:
         names = sorted(changed)

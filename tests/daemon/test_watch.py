@@ -6,14 +6,17 @@ import queue
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from watchdog.events import FileMovedEvent
 
 from kmodd.daemon.events import Event, FilesChanged
 from kmodd.daemon.watch import (
+    RECONCILE_SETTLE_S,
     Target,
     Watcher,
     classify,
@@ -259,6 +262,26 @@ def test_periodic_reconcile_catches_lost_events(paths: Paths, inbox: Inbox) -> N
         assert inbox.next().paths == (str(conf),)
         conf.unlink()
         assert inbox.next().paths == (str(conf),)
+    finally:
+        w.stop()
+
+
+def test_a_late_inotify_event_joins_what_the_reconcile_found(paths: Paths, inbox: Inbox) -> None:
+    # The reconcile sees the new file first; its inotify event, late (observer lag under
+    # TCG), arrives 0.3 s after.  Before RECONCILE_SETTLE_S these were two FilesChanged,
+    # so one policy write built two generations (the VM scenario test_6 failed on it).
+    w = Watcher(paths, inbox.post, reconcile_s=0.05, observer_factory=DeafObserver)
+    w.start()
+    try:
+        policy = paths.root / "etc/kmodd/policy.d/05-late.yaml"
+        tmp = policy.with_name(".05-late.yaml.tmp")
+        tmp.write_text("kmodd: 1\n")
+        tmp.rename(policy)
+        time.sleep(0.3)  # the lag itself: the reconcile (every 0.05 s) has seen the file
+        w._observed(FileMovedEvent(str(tmp), str(policy)))
+        assert inbox.next().paths == (str(policy),)
+        with pytest.raises(queue.Empty):
+            inbox.events.get(timeout=RECONCILE_SETTLE_S + 0.5)
     finally:
         w.stop()
 
