@@ -217,9 +217,18 @@ def s7_permissive(guest: Guest) -> dict[str, Any]:
 # make demo: every ask says which layer decided.  Helper runs are the daemon's own count of
 # the helper's decide queries (status decisions.sources.kernel): a request refused in-kernel
 # never execs the helper, so that count does not move.
-def helper_queries(guest: Guest) -> int | None:
-    doc = guest.status().get("json") or {}
-    return int(doc.get("decisions", {}).get("sources", {}).get("kernel", 0)) if doc else None
+# Asked over the control socket from this process (what `kmodctl status --json` asks):
+# each kmodctl would be another Python start, 5-10 s under TCG, twice per ask.
+def helper_queries(_guest: Guest) -> int | None:
+    from kmodd import helper, wire  # noqa: PLC0415 -- the guest imports kmodd only here
+    from kmodd.cli import client  # noqa: PLC0415
+    from kmodd.errors import KmoddError  # noqa: PLC0415
+
+    try:
+        doc = client.call(Path(helper.RUNTIME_DIR) / helper.CONTROL_SOCKET, wire.Method.STATUS)
+    except (OSError, KmoddError):
+        return None
+    return int(doc["decisions"]["sources"].get("kernel", 0))
 
 
 def _ask(guest: Guest, who: str, what: str, request: str | None, act: Callable[[], Any]) -> Any:
