@@ -14,6 +14,7 @@ from tests.realboot import image as image_mod
 from tests.realboot.qemu import Boot, available, boot, extract_file
 
 RELEASE = os.environ.get("KMODD_REALBOOT_RELEASE", "bookworm")
+ROUTE = os.environ.get("KMODD_REALBOOT_INSTALL", "venv")  # or deb (Debian 13's package)
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +24,7 @@ def realboot_image() -> image_mod.Image:
         if os.environ.get("CI") == "true":
             pytest.fail(f"real-boot image unavailable in CI: {why}")
         pytest.skip(f"real-boot image unavailable: {why}")
-    return image_mod.build_image(RELEASE)
+    return image_mod.build_image(RELEASE, ROUTE)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +47,7 @@ def _keep(b: Boot, work: Path) -> Boot:
 
 @pytest.fixture(scope="session")
 def first_boot(realboot_image: image_mod.Image, realboot_dir: Path) -> Boot:
-    return _keep(boot(realboot_image, "first", realboot_dir, timeout_s=1200), realboot_dir)
+    return _keep(boot(realboot_image, "first", realboot_dir, timeout_s=1800), realboot_dir)
 
 
 @pytest.fixture(scope="session")

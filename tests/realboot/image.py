@@ -9,11 +9,16 @@ machine builds them once, a developer's machine keeps them):
   docs/operations.md lists for the venv route; pip's wheel cache warmed with kmodd's
   dependencies.  DIGEST covers the release, mirror and package list: ~3-5 min, rebuilt
   only when those change.
-- **image-RELEASE-DIGEST/**: a copy of the base, then, in a chroot, exactly
-  `python3 -m venv /opt/kmodd && /opt/kmodd/bin/pip install /usr/src/kmodd`,
+- **image-RELEASE-DIGEST/** (the venv route): a copy of the base, then, in a chroot,
+  exactly `python3 -m venv /opt/kmodd && /opt/kmodd/bin/pip install /usr/src/kmodd`,
   `/opt/kmodd/bin/kmodctl install`, `systemctl enable kmodd.service`; the check unit of
   this package; then `mkfs.ext4 -d` makes the raw root disk without a loop device.
   DIGEST adds kmodd's shipped files and this package's guest side.
+- **image-trixie-deb-DIGEST/** (KMODD_REALBOOT_INSTALL=deb, Debian 13 only): the same,
+  but kmodd comes from the `.deb` of `make deb` (`packaging/debian13.sh build`, or
+  KMODD_REALBOOT_DEB=FILE), installed as README.md's "Install on a machine" tells a Debian 13 admin:
+  `apt-get install ./kmodd_*.deb`, `systemctl enable kmodd.service`.  DIGEST adds the
+  package's bytes.
 
 Nothing here runs in the guest; the guest side is tests/realboot/guest/.
 """
@@ -65,6 +70,9 @@ PIP_WARM = ("pydantic>=2.7,<3", "PyYAML>=6.0", "pyudev>=0.24", "watchdog>=5.0")
 # The checkout parts `pip install /path/to/kmodd` needs: the package and its data-files.
 SOURCE_PARTS = ("kmodd", "systemd", "policies", "initramfs", "pyproject.toml", "README.md")
 STEP_TIMEOUT_S = 1800  # one debootstrap or pip install; a hang fails the build, never CI
+# How kmodd is installed: "venv" (README.md, any release) or "deb" (Debian 13's package).
+ROUTES = ("venv", "deb")
+ROUTE_FILE = "etc/kmodd-realboot.json"  # tells the guest side which paths the route has
 
 
 class ImageError(RuntimeError):
@@ -76,6 +84,7 @@ class Image:
     """A built image: the raw root disk and the kernel and initramfs taken from it."""
 
     release: str
+    route: str  # ROUTES
     digest: str
     disk: Path
     vmlinuz: Path
@@ -106,9 +115,10 @@ def base_digest(release: str) -> str:
     return _digest(RECIPE.encode(), release.encode(), MIRROR.encode(), *map(str.encode, PACKAGES))
 
 
-def image_digest(release: str) -> str:
+def image_digest(release: str, route: str = "venv", deb: Path | None = None) -> str:
     parts = [SRC / p for p in SOURCE_PARTS] + [GUEST, Path(__file__)]
-    return _digest(base_digest(release).encode(), *_tree_bytes(parts))
+    package = [route.encode(), deb.read_bytes()] if deb is not None else []
+    return _digest(base_digest(release).encode(), *package, *_tree_bytes(parts))
 
 
 def _run(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
@@ -239,6 +249,48 @@ systemd-machine-id-setup
 """
 
 
+# README.md's Debian 13 route, in a chroot (apt resolves Debian's python3-pydantic,
+# python3-pyudev, python3-watchdog, python3-yaml, libkmod2, libbpf1 from the mirror).
+DEB_INSTALL_SCRIPT = """
+apt-get update -q
+apt-get install -y -q --no-install-recommends /tmp/kmodd.deb
+systemctl enable kmodd.service
+systemctl enable kmodd-realboot-check.service kmodd-realboot-broken.service
+rm -f /tmp/kmodd.deb
+apt-get clean
+systemd-machine-id-setup
+"""
+
+
+def built_deb() -> Path:
+    """KMODD_REALBOOT_DEB, or the .deb `packaging/debian13.sh build` makes of SRC (cached
+    by the source's digest: ~2 min warm)."""
+    given = os.environ.get("KMODD_REALBOOT_DEB")
+    if given:
+        return Path(given)
+    sources = [SRC / "debian", SRC / "packaging", *(SRC / p for p in SOURCE_PARTS)]
+    out = CACHE / f"deb-{_digest(*_tree_bytes(sources))}"
+    found = sorted(out.glob("kmodd_*.deb"))
+    if not found:
+        shutil.rmtree(out, ignore_errors=True)
+        _run([str(SRC / "packaging/debian13.sh"), "build", str(out)], "make deb")
+        found = sorted(out.glob("kmodd_*.deb"))
+    if not found:
+        raise ImageError(f"packaging/debian13.sh build wrote no kmodd_*.deb into {out}")
+    return found[-1]
+
+
+def _install(rootfs: Path, route: str, deb: Path | None) -> None:
+    (rootfs / ROUTE_FILE).write_text(json.dumps({"route": route}) + "\n")
+    with _chroot_mounts(rootfs):
+        if deb is None:
+            _copy_source(rootfs / "usr/src/kmodd")
+            _chroot(rootfs, INSTALL_SCRIPT, "install kmodd as README.md says")
+        else:
+            shutil.copyfile(deb, rootfs / "tmp/kmodd.deb")
+            _chroot(rootfs, DEB_INSTALL_SCRIPT, "install kmodd's .deb as README.md says")
+
+
 def _make_disk(rootfs: Path, disk: Path) -> None:
     used = int(
         subprocess.run(
@@ -252,10 +304,16 @@ def _make_disk(rootfs: Path, disk: Path) -> None:
     )
 
 
-def build_image(release: str = "bookworm") -> Image:
-    """The image for RELEASE, from the cache when its inputs are unchanged."""
-    digest = image_digest(release)
-    final = CACHE / f"image-{release}-{digest}"
+def build_image(release: str = "bookworm", route: str = "venv") -> Image:
+    """The image for RELEASE with kmodd installed by ROUTE, from the cache when its inputs
+    are unchanged."""
+    if route not in ROUTES:
+        raise ImageError(f"unknown install route {route!r}: one of {', '.join(ROUTES)}")
+    if route == "deb" and release != "trixie":
+        raise ImageError("the .deb route is Debian 13's: set KMODD_REALBOOT_RELEASE=trixie")
+    deb = built_deb() if route == "deb" else None
+    digest = image_digest(release, route, deb)
+    final = CACHE / f"image-{release}-{'deb-' if deb else ''}{digest}"
     meta = final / "image.json"
     start = time.monotonic()
     if not meta.exists():
@@ -265,17 +323,20 @@ def build_image(release: str = "bookworm") -> Image:
         tmp.mkdir(parents=True)
         rootfs = tmp / "rootfs"
         _run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], "copy the base")
-        _copy_source(rootfs / "usr/src/kmodd")
         _install_guest_side(rootfs)
-        with _chroot_mounts(rootfs):
-            _chroot(rootfs, INSTALL_SCRIPT, "install kmodd as README.md says")
+        _install(rootfs, route, deb)
         vmlinuz = sorted((rootfs / "boot").glob("vmlinuz-*"))[-1]
         krel = vmlinuz.name.removeprefix("vmlinuz-")
         shutil.copy2(vmlinuz, tmp / "vmlinuz")
         shutil.copy2(rootfs / "boot" / f"initrd.img-{krel}", tmp / "initrd.img")
         _make_disk(rootfs, tmp / "disk.raw")
         shutil.rmtree(rootfs)
-        info = {"release": release, "kernel_release": krel, "build_s": time.monotonic() - start}
+        info = {
+            "release": release,
+            "route": route,
+            "kernel_release": krel,
+            "build_s": time.monotonic() - start,
+        }
         (tmp / "image.json").write_text(json.dumps(info))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -283,6 +344,7 @@ def build_image(release: str = "bookworm") -> Image:
     built = time.monotonic() - start
     return Image(
         release=release,
+        route=route,
         digest=digest,
         disk=final / "disk.raw",
         vmlinuz=final / "vmlinuz",

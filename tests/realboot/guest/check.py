@@ -23,7 +23,18 @@ from typing import Any
 
 RESULTS_DEV = "/dev/vdb"
 RESULTS_MAX = 15 << 20  # the disk is 16 MiB
-KMODCTL = "/opt/kmodd/bin/kmodctl"
+
+
+def _route() -> str:
+    """How the image installed kmodd (tests/realboot/image.py writes it): venv or deb."""
+    try:
+        return str(json.loads(Path("/etc/kmodd-realboot.json").read_text())["route"])
+    except (OSError, ValueError, KeyError):
+        return "venv"
+
+
+ROUTE = _route()
+KMODCTL = "/usr/bin/kmodctl" if ROUTE == "deb" else "/opt/kmodd/bin/kmodctl"
 NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
 POLICY_DIR = Path("/etc/kmodd/policy.d")
 ENFORCEMENT = Path("/run/modprobe.d/00-kmodd.conf")
@@ -351,8 +362,11 @@ def step_slow_start() -> Facts:
 
 def step_sockets() -> Facts:
     socks = ["kmodd-decide.socket", "kmodd-control.socket"]
+    # docs/operations.md's order: the sockets cannot start while kmodd.service runs with
+    # sockets of its own ("Socket service kmodd.service already active, refusing").
+    sh(["systemctl", "stop", "kmodd.service"], timeout=120)
     enable = sh(["systemctl", "enable", "--now", *socks])
-    restart = sh(["systemctl", "restart", "kmodd.service"], timeout=600)
+    start = sh(["systemctl", "start", "kmodd.service"], timeout=600)
     with_sockets = {"status": status(), "sockets": {s: show(s, ("ActiveState",)) for s in socks}}
     stop = sh(["systemctl", "stop", "kmodd.service"], timeout=120)
     stopped = show("kmodd.service")["ActiveState"]
@@ -361,7 +375,7 @@ def step_sockets() -> Facts:
     back = wait_active("kmodd.service", "0", 600)
     facts = {
         "enable": enable,
-        "restart": restart,
+        "start": start,
         "with_sockets": with_sockets,
         "stop": stop,
         "stopped_state": stopped,
@@ -396,6 +410,9 @@ def step_broken() -> Facts:
         "kmodd_journal": journal("_SYSTEMD_UNIT=kmodd.service")
         + journal("UNIT=kmodd.service")
         + journal("_SYSTEMD_UNIT=kmodd-boot-wait.service"),
+        # Its errors by priority: coldplug's per-device records (hundreds) push the reload
+        # failure out of the newest 300 of the unit's records.
+        "kmodd_errors": journal("_SYSTEMD_UNIT=kmodd.service", "--priority=err"),
         "enforcement": _read(str(ENFORCEMENT)),
         "aead": nobody_aead(),
         "records": kmodd_records(c),
@@ -419,29 +436,46 @@ def step_permissive() -> Facts:
     }
 
 
-UNINSTALLED = (
-    "/usr/local/libexec/kmodd/kmodd-modprobe",
-    "/usr/local/libexec/kmodd",
-    "/usr/local/lib/systemd/system/kmodd.service",
-    "/usr/local/lib/sysctl.d/50-kmodd.conf",
+LEFT_BY_NOBODY = (  # what neither uninstall route may leave
     "/usr/share/initramfs-tools/hooks/kmodd",
     "/run/modprobe.d/00-kmodd.conf",
     "/run/kmodd/snapshot",
     "/run/kmodd/published",
     "/run/kmodd/kmod-mask",
     "/var/lib/kmodd/last-good",
+    "/sys/fs/bpf/kmodd",
 )
+UNINSTALLED = {
+    "venv": (
+        "/usr/local/libexec/kmodd/kmodd-modprobe",
+        "/usr/local/libexec/kmodd",
+        "/usr/local/lib/systemd/system/kmodd.service",
+        "/usr/local/lib/sysctl.d/50-kmodd.conf",
+        *LEFT_BY_NOBODY,
+    ),
+    "deb": (
+        "/usr/libexec/kmodd/kmodd-modprobe",
+        "/usr/libexec/kmodd",
+        "/usr/lib/systemd/system/kmodd.service",
+        "/usr/bin/kmodctl",
+        "/var/lib/kmodd",
+        *LEFT_BY_NOBODY,
+    ),
+}
+# venv: `kmodctl uninstall` (README.md); deb: `apt purge kmodd` (dpkg owns the files).
+UNINSTALL = {"venv": [KMODCTL, "uninstall"], "deb": ["apt-get", "purge", "-y", "-q", "kmodd"]}
 
 
 def step_uninstall() -> Facts:
-    res = sh([KMODCTL, "uninstall"], timeout=300)
+    res = sh(UNINSTALL[ROUTE], timeout=300)
     c = cursor()
     af_key = sh(["modprobe", "af_key"])
     return {
         "uninstall": res,
         "modprobe_path": modprobe_path(),
         "active": sh(["systemctl", "is-active", "kmodd.service"])["out"].strip(),
-        "left": [p for p in UNINSTALLED if os.path.lexists(p)],
+        "route": ROUTE,
+        "left": [p for p in UNINSTALLED[ROUTE] if os.path.lexists(p)],
         "af_key": {**af_key, "loaded": "af_key" in modules()},
         "records": kmodd_records(c),
     }
