@@ -2,9 +2,10 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """kmodd-boot-publish: put the last good policy generation in place before udev starts.
 
-kmodd-boot-publish.service runs it early (after local-fs, before systemd-udevd, udev
-trigger and systemd-modules-load).  It verifies the last-good store the daemon wrote
-(ROOT/var/lib/kmodd/last-good: manifest + rendered modprobe.d file + helper snapshot)
+kmodd-boot-publish.service runs it early (once the store is mounted, before
+systemd-udevd, udev trigger and systemd-modules-load; not after local-fs.target).  It
+verifies the last-good store the daemon wrote (ROOT/var/lib/kmodd/last-good: manifest +
+rendered modprobe.d file + helper snapshot)
 and, when the manifest's inputs digest still matches this boot's inputs (policy files,
 modprobe.d dirs, the module tree's index files, the kmodd.* kernel arguments, the
 release), publishes both files into /run/modprobe.d and /run/kmodd (and points

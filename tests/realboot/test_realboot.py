@@ -196,6 +196,17 @@ def test_second_boot_publishes_before_udev(second_boot: Boot) -> None:
     assert second_boot.step("sanity")["modprobe_path"] == HELPER
 
 
+@pytest.mark.parametrize("boot", ["first_boot", "second_boot"])
+def test_udevd_is_not_ordered_after_local_fs(boot: str, request: pytest.FixtureRequest) -> None:
+    """The booted systemd's own graph (both paths): udevd waits for kmodd's boot units,
+    and none of them may wait for local-fs.target, whose mounts may need udev
+    (tests/systemd/test_units.py says why)."""
+    b = request.getfixturevalue(boot).step("boot")
+    after = b["udevd_after"]
+    assert "kmodd-boot-publish.service" in after, after[:2000]
+    assert "local-fs.target" not in after, (after[:4000], b["kmodd_after"])
+
+
 def test_coldplug_denied_drivers_not_loaded_initramfs_included(second_boot: Boot) -> None:
     f = second_boot.step("coldplug")
     loaded = [m for m in COLDPLUG_DENIED if m in f["modules"]]

@@ -175,6 +175,23 @@ def test_boot_ordering_keeps_kmodd_off_the_critical_chain(tmp_path: Path) -> Non
     ]
 
 
+def test_udev_never_waits_for_local_fs(tmp_path: Path) -> None:
+    """udevd starts before local-fs.target on Debian, and a mount of local-fs.target may
+    wait for a device only udev brings up (an LV the initramfs left inactive, a crypttab
+    volume).  A unit udev waits for (the boot step, the wait, and kmodd.service, which
+    the wait waits for at run time on the slow path) ordered after local-fs.target would
+    hold that mount until its device job timed out: emergency mode.  Each waits for the
+    mounts of the paths it reads instead (tests/realboot asks the booted systemd)."""
+    units = {p.name: p for p in rendered_units(tmp_path)}
+    for name in ("kmodd-boot-publish.service", "kmodd-boot-wait.service", "kmodd.service"):
+        assert "local-fs.target" not in unit_values(units[name], "Unit", "After"), name
+    publish = unit_values(units["kmodd-boot-publish.service"], "Unit", "RequiresMountsFor")
+    assert "/var/lib/kmodd/last-good" in publish
+    service = units["kmodd.service"]
+    assert "systemd-remount-fs.service" in unit_values(service, "Unit", "After")
+    assert unit_values(service, "Service", "StateDirectory") == ["kmodd"]
+
+
 def test_verify_catches_an_ordering_cycle_of_the_boot_units(tmp_path: Path) -> None:
     # Why kmodd-boot-wait is not After=kmodd.service and kmodd.service keeps
     # DefaultDependencies=no: with both, sysinit.target -> wait -> kmodd -> sysinit.target.

@@ -67,6 +67,10 @@ RELOAD_POLICY = (
 )
 BROKEN_POLICY = "kmodd: 1\nrules:\n  - id: realboot-broken-edit\n    action: maybe\n"
 Facts = dict[str, Any]
+UDEVD_AFTER = [
+    *("systemctl", "list-dependencies", "--after", "--all", "--plain", "--no-pager"),
+    "systemd-udevd.service",
+]
 
 
 class StepTimeout(Exception):
@@ -186,6 +190,10 @@ def step_boot() -> Facts:
         "published": _read("/run/kmodd/published"),
         "cmdline": _read("/proc/cmdline"),
         "failed": sh(["systemctl", "--failed", "--no-legend", "--plain"])["out"],
+        # What the booted systemd orders udevd after, kmodd's units included (their
+        # implicit mount dependencies too): local-fs.target must not be among them.
+        "udevd_after": sh(UDEVD_AFTER)["out"],
+        "kmodd_after": {u: show(u, ("After", "RequiresMountsFor")) for u in UNITS},
         "unit_journal": {u: journal(f"_SYSTEMD_UNIT={u}") + journal(f"UNIT={u}") for u in UNITS},
     }
 
