@@ -2,8 +2,12 @@
 figure, then the same table with the machine's description in docs/benchmarks.md.
 
     .venv/bin/python -m bench            full run (~3-4 min, then one VM boot ~10-15 min
-                                         under TCG), writes docs/benchmarks.md
-    .venv/bin/python -m bench --no-vm    without the VM figures (the kernel layer's)
+                                         under TCG for the kernel layer and two real boots
+                                         ~10 min for the critical chain), writes
+                                         docs/benchmarks.md
+    .venv/bin/python -m bench --no-vm    without the VM figures
+    .venv/bin/python -m bench --realboot-results DIR
+                                         the chain share from a real-boot run's results
     .venv/bin/python -m bench --quick    a few iterations each (the smoke test), no doc
 
 When a private journald can run (root, systemd-journald present) the whole run happens in
@@ -23,7 +27,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import bench_core, boot_bench, daemon_bench, helper_bench, kernel_vm, spawn
+from bench import (
+    bench_core,
+    boot_bench,
+    daemon_bench,
+    helper_bench,
+    kernel_vm,
+    realboot_bench,
+    spawn,
+)
 from bench.report import machine, print_figures, table, write_doc
 from bench.stats import Figure
 from bench.system import REPO, Daemon, temp_root
@@ -59,6 +71,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-vm", action="store_true", help="skip the VM boot (kernel layer)")
     p.add_argument(
         "--vm-results", type=Path, help="the VM figures from a saved `python -m bench.kernel_vm`"
+    )
+    p.add_argument(
+        "--realboot-results",
+        type=Path,
+        metavar="DIR",
+        help="the critical-chain share from a real-boot run's kept results (its work dir)",
     )
     return p.parse_args(argv)
 
@@ -116,7 +134,7 @@ def run(args: argparse.Namespace, journal: str, journald_pid: int | None = None)
     core, mix = bench_core.core_figures(tree, plan.core_runs)
     print_figures(core)
     runtime, cli = runtime_figures(tree, plan, mix, journald_pid)
-    ordered = runtime + core + cli + vm_figures(args)
+    ordered = runtime + core + cli + vm_figures(args) + realboot_figures(args)
     if not (args.no_doc or (args.quick and args.doc is None)):
         command = "make bench" if not args.quick else "python -m bench --quick"
         write_doc(args.doc or DOC, table(ordered, info, command))
@@ -140,6 +158,26 @@ def vm_figures(args: argparse.Namespace) -> list[Figure]:
         figs = kernel_vm.figures(doc)
     except (RuntimeError, KeyError, TypeError) as err:
         print(f"# vm: no figures: {err}", flush=True)
+        return []
+    print_figures(figs)
+    return figs
+
+
+def realboot_figures(args: argparse.Namespace) -> list[Figure]:
+    """kmodd's share of the boot's critical chain from two real boots (bench.realboot_bench,
+    systemd as PID 1); none with --quick or --no-vm.  A failed boot is printed, not fatal."""
+    if args.quick or args.no_vm:
+        print("# realboot: skipped (--quick or --no-vm)", flush=True)
+        return []
+    try:
+        if args.realboot_results is not None:
+            doc = realboot_bench.saved_results(args.realboot_results)
+        else:
+            print("# realboot: booting the real-boot image twice (systemd as PID 1)", flush=True)
+            doc = realboot_bench.boot_results()
+        figs = realboot_bench.figures(doc)
+    except (RuntimeError, OSError, KeyError, TypeError, ValueError) as err:
+        print(f"# realboot: no figures: {err.__class__.__name__}: {err}", flush=True)
         return []
     print_figures(figs)
     return figs
