@@ -28,10 +28,13 @@ BPF_OBJ     := kmodd/bpf/kmodd.bpf.o
 BPF_CFLAGS  := -O2 -g -Wall -Werror -target bpf -I/usr/include/$(shell uname -m)-linux-gnu
 
 .PHONY: help apt apt-list venv bpf kernel-tree promtool trixie-chroot deb test test-fast \
-        test-realboot test-debian13 lint demo bench clean
+        test-realboot realboot-bookworm-venv realboot-trixie-deb test-debian13 lint demo \
+        bench clean
 
 help:
-	@echo "make test         install everything, then run the whole suite (what CI runs)"
+	@echo "make test         install everything, then run the whole suite and both real"
+	@echo "                  boots (what CI runs; REALBOOT_ROUTES= leaves the boots out)"
+	@echo "make test-realboot  one real boot, systemd as PID 1 (docs/vm.md; root)"
 	@echo "make demo         boot a real kernel with kmodd as its modprobe helper"
 	@echo "make bench        benchmarks against kmod, written to docs/benchmarks.md"
 	@echo "make test-fast    the suite without the VM, oracle and package tests"
@@ -101,16 +104,35 @@ trixie-chroot:
 deb:
 	packaging/debian13.sh build dist
 
+# `make test` is the suite, then the real boots (tests/realboot: a debootstrapped image,
+# systemd as PID 1) of both routes side by side: Debian 12 with README.md's venv, Debian
+# 13 with the .deb.  -j2 because each boot is one TCG vCPU: both took 12-14 min here
+# together, image layers rebuilt (docs/vm.md).  --output-sync keeps each route's report
+# whole.  REALBOOT_ROUTES= leaves them out (tools/test-debian13 does: the Debian 13 tree
+# runs the suite, the host boots the images); REALBOOT_ARGS are their pytest arguments.
+REALBOOT_ROUTES ?= bookworm-venv trixie-deb
+REALBOOT_ARGS   ?= -v -p no:randomly
+REALBOOT_PYTEST  = $(VPY) -m pytest -p no:cacheprovider -m realboot tests/realboot $(REALBOOT_ARGS)
+
 test: venv kernel-tree promtool
 	$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+ifneq ($(strip $(REALBOOT_ROUTES)),)
+	$(MAKE) --no-print-directory -j2 --output-sync=target $(addprefix realboot-,$(REALBOOT_ROUTES))
+endif
 
 test-fast: venv promtool
 	$(VPY) -m pytest -p no:cacheprovider -m 'not vm and not oracle and not deb' $(PYTEST_ARGS)
 
-# The real-boot VM tests (tests/realboot: a debootstrapped image, systemd as PID 1; root):
-# not yet in `make test` (docs/vm.md says which boots pass and how long they take).
+# One real-boot route as KMODD_REALBOOT_RELEASE / KMODD_REALBOOT_INSTALL say (default
+# Debian 12, venv; root); `make test` runs both routes below.
 test-realboot: venv kernel-tree
-	$(VPY) -m pytest -p no:cacheprovider -m realboot tests/realboot $(PYTEST_ARGS)
+	$(REALBOOT_PYTEST)
+
+realboot-bookworm-venv: venv kernel-tree
+	KMODD_REALBOOT_RELEASE=bookworm KMODD_REALBOOT_INSTALL=venv $(REALBOOT_PYTEST)
+
+realboot-trixie-deb: venv kernel-tree
+	KMODD_REALBOOT_RELEASE=trixie KMODD_REALBOOT_INSTALL=deb $(REALBOOT_PYTEST)
 
 # The suite on Debian 13 (debootstrap trixie, pivot_root into it, make test inside; root;
 # cached tree): tools/test-debian13 says how and how long.  Not part of `make test`.
