@@ -608,6 +608,11 @@ def _full_records(since_us: int, request: str) -> list[dict[str, Any]]:
     for line in res["stdout"].splitlines():
         with contextlib.suppress(ValueError):
             rec = json.loads(line)
+            # --since takes whole seconds: without this, a record of the step before,
+            # received in the same second, is counted here too (CI: the nobody step's deny
+            # in the root step's records, 1.1 s apart).
+            if int(rec.get("__REALTIME_TIMESTAMP", 0)) < since_us:
+                continue
             out.append(
                 {k: v for k, v in rec.items() if k.startswith(("KMODD_", "OBJECT_PID", "MESSAGE"))}
             )
