@@ -7,7 +7,8 @@ what the policy decides from facts the kernel does not take.  So:
   That holds for every name when each `requester:` key of the policy tests only `uid`
   and `unprivileged` (both functions of the real uid): the uid line is cut at every uid
   a rule names (and at 0/1), decide() runs once per piece with that uid, and the pieces
-  that deny become uid-range conditions.  A `gid` (supplementary groups), `unit` or
+  that deny become uid-range conditions.  With no `requester:` key at all there is one
+  piece, and its decision is the one the snapshot made for the name (Generation keeps it).  A `gid` (supplementary groups), `unit` or
   `container` key (pid namespaces, container cgroups) tests what the kernel layer does not
   see: then no name gets an entry and the helper decides every request (the files table
   and the events still work).
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kmodd.bpf.layer import Tables, denied_files
-from kmodd.bpf.layout import CONDS_MAX, NO_RULE, Condition, Mode, NameRules, Verdict
+from kmodd.bpf.layout import CONDS_MAX, NO_RULE, UID_MAX, Condition, Mode, NameRules, Verdict
 from kmodd.daemon.generation import Generation
 from kmodd.kmod.context import UnknownModuleError
 from kmodd.kmod.model import Resolution
@@ -141,14 +142,25 @@ def compile_tables(gen: Generation, *, sys_module: Path = Path("/sys/module")) -
     names: dict[str, NameRules] = {"": NameRules()}
     domain: frozenset[str] = frozenset()
     if pieces is not None:
-        snapshot = compiler.snapshot_names(gen.kmod)
+        snapshot = gen.table_names or compiler.snapshot_names(gen.kmod)
         domain = frozenset(snapshot)
+        # No requester key anywhere: every uid gets the same decision, the one the snapshot
+        # already made for the name (decided again only when the build did not keep it).
+        uid_blind = all(rule.requester is None for rule in policy.rules)
+        if uid_blind:
+            pieces = [(0, UID_MAX)]
         for key, name in snapshot.items():
+            known = gen.kernel_decisions.get(key) if uid_blind else None
             resolution = gen.resolutions.get(name) or gen.kmod.resolve(name)
 
             def decide_at(
-                facts: RequesterFacts, name: str = name, r: Resolution = resolution
+                facts: RequesterFacts,
+                name: str = name,
+                r: Resolution = resolution,
+                known: Decision | None = known,
             ) -> Decision:
+                if known is not None:
+                    return known
                 return engine.decide(Request(name, Source.KERNEL, facts), r, policy)
 
             entry = name_rules(decide_at, pieces, rule_index)

@@ -327,8 +327,11 @@ def render_snapshot(
     decide_fn: DecideFn,
     generation: int,
     modprobe: str = helper.DEFAULT_MODPROBE,
+    *,
+    decided: dict[str, Decision] | None = None,
 ) -> bytes:
-    """The helper's fallback snapshot (format: kmodd/helper.py), keys unique and sorted."""
+    """The helper's fallback snapshot (format: kmodd/helper.py), keys unique and sorted.
+    DECIDED, when given, receives each key's decision (a kernel request, no requester)."""
     if not modprobe.startswith("/") or any(c in modprobe for c in "\n\0 "):
         raise ValueError(f"modprobe must be an absolute path without spaces: {modprobe!r}")
     # The helper knows enforce|permissive; learn never blocks either.
@@ -340,6 +343,8 @@ def render_snapshot(
     keys = snapshot_names(ctx, policy)
     for key, name in sorted(keys.items()):
         decision = decide_fn(Request(name, Source.KERNEL), ctx.resolve(name), policy)
+        if decided is not None:
+            decided[key] = decision
         rows.append(f"{key} {'d' if decision.verdict is Verdict.DENY else 'a'} {decision.rule}\n")
     globs = [f"{p} d {rule}\n" for p, rule in snapshot_globs(policy, ctx, decide_fn, keys)]
     body = "".join(rows) + helper.SNAPSHOT_GLOBS.decode() + "".join(globs)

@@ -3,6 +3,7 @@ verdict of every name must equal decide() for every uid (exact, or no entry at a
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 
 from kmodd.bpf.layout import NO_RULE, UID_MAX, Condition, FileIdentity, Mode, NameRules, Verdict
 from kmodd.daemon.generation import BuildOptions, Generation, build_generation
-from kmodd.daemon.kernel_tables import compile_tables, kmod_version, load_data_verdict
+from kmodd.daemon.kernel_tables import Compiled, compile_tables, kmod_version, load_data_verdict
 from kmodd.paths import make_paths
 from kmodd.policy.kernelcov import uid_pieces
 from kmodd.policy.requester import RequesterFacts
@@ -114,6 +115,53 @@ def test_uid_sets_become_ranges_and_match_decide_for_every_piece(sr: SystemRoot)
             assert kernel_verdict(entry, uid) is want, uid
     finally:
         gen.close()
+
+
+BASELINE = (REPO / "policies/10-baseline.yaml").read_text()
+# Matches one name no tree has: changes no decision, but is a requester key, so the
+# tables are decided per uid piece (0, 1-4241, 4242, 4243-) instead of once per name.
+INERT_REQUESTER_RULE = """\
+kmodd: 1
+rules:
+  - id: inert
+    action: deny
+    match: {request: [kmodd-test-never], requester: {uid: [4242]}}
+"""
+
+
+def _by_rule_id(compiled: Compiled) -> dict[str, tuple[object, ...]]:
+    """The name table with rule ids for indices (two policies number their rules apart)."""
+    ids = compiled.rule_ids
+    return {
+        key: (
+            tuple((c.verdict, ids[c.rule], c.uid, c.unprivileged) for c in e.conditions),
+            e.fallback,
+            "-" if e.fallback_rule == NO_RULE else ids[e.fallback_rule],
+        )
+        for key, e in compiled.tables.names.items()
+    }
+
+
+def test_without_requester_rules_the_snapshots_decisions_make_the_same_tables(
+    sr: SystemRoot,
+) -> None:
+    """The shipped baseline has no requester key: one decision per name, the snapshot's
+    own.  The tables must be what deciding every uid piece afresh gives."""
+    gen = build(sr, BASELINE)
+    per_piece = build(sr, BASELINE, INERT_REQUESTER_RULE)
+    try:
+        assert gen.kernel_decisions and set(gen.table_names) <= set(gen.kernel_decisions)
+        assert uid_pieces(per_piece.compiled) is not None
+        fast = compile_tables(gen)
+        assert _by_rule_id(fast) == _by_rule_id(compile_tables(per_piece))
+        # and what deciding every name again (nothing kept by the build) gives
+        bare = dataclasses.replace(gen, kernel_decisions={}, table_names={})
+        assert _by_rule_id(compile_tables(bare)) == _by_rule_id(fast)
+        assert fast.domain == compile_tables(bare).domain
+        assert len(fast.tables.names) > 100  # the baseline's denies are in the table
+    finally:
+        gen.close()
+        per_piece.close()
 
 
 def test_a_rule_on_what_the_kernel_cannot_see_leaves_requests_to_the_helper(
