@@ -27,7 +27,7 @@ echo "$helper" > /proc/sys/kernel/modprobe
 python3 -IS tests/vm/trigger.py socket:5:2 > "$KMODD_VM_OUT/trigger.txt"
 { printf '{"release": "%s", "modules": "' "$(uname -r)"
   cut -d' ' -f1 /proc/modules | tr '\n' ' '
-  printf '"}\n'; } > "$KMODD_VM_OUT/smoke.json"
+  printf '", "avx2_cpus": %s}\n' "$(grep -c -w avx2 /proc/cpuinfo)"; } > "$KMODD_VM_OUT/smoke.json"
 exit 3
 """
 
@@ -58,6 +58,11 @@ def test_kernel_execs_the_helper_like_request_module_does(smoke: VMResult) -> No
 def test_the_real_modprobe_loads_the_module_and_its_dependencies(smoke: VMResult) -> None:
     loaded = smoke.result("smoke")["modules"].split()
     assert {"appletalk", "psnap", "llc"} <= set(loaded), loaded
+
+
+def test_the_guest_cpu_has_no_avx2(smoke: VMResult) -> None:
+    """harness.TCG_CPU reached qemu: glibc's AVX2 functions are slow under TCG."""
+    assert smoke.result("smoke")["avx2_cpus"] == 0
 
 
 def test_hard_timeout_kills_the_whole_vm(kernel_tree: KernelTree) -> None:
