@@ -13,14 +13,16 @@ VPY         := $(VENV)/bin/python
 # early-boot hook's tests (~2.5 s per image); clang (bpf target) and libbpf-dev
 # (bpf_helpers.h) build the kernel layer's BPF object, libbpf1 loads it;
 # systemd-journal-remote (~100 KB) is the fleet collector pair (journal-remote/-upload)
-# that tests/cli/test_fleet.py runs on loopback (~6 s).  debootstrap builds the Debian 12
-# chroot tests/contrib/test_ansible.py runs the Ansible role against (cached, ~300 MB) and,
-# with e2fsprogs (mkfs.ext4 -d, debugfs: no loop device), the real-boot image
-# (tests/realboot/image.py).
+# that tests/cli/test_fleet.py runs on loopback (~6 s).  debootstrap builds the chroot of
+# this machine's release tests/contrib/test_ansible.py runs the Ansible role against
+# (cached, ~300 MB) and, with e2fsprogs (mkfs.ext4 -d, debugfs: no loop device), the
+# real-boot image (tests/realboot/image.py).  iproute2: the VM guests' `ip link add` (a
+# forged rtnl-link- request name, tests/vm/bpf_guest.py; a Debian 13 minbase lacks it).
 APT_PACKAGES := kmod libkmod2 python3-venv \
                 qemu-system-x86 udev systemd util-linux procps psmisc busybox-static \
                 ca-certificates file initramfs-tools zstd xz-utils cpio \
-                clang libbpf-dev libbpf1 systemd-journal-remote debootstrap e2fsprogs
+                clang libbpf-dev libbpf1 systemd-journal-remote debootstrap e2fsprogs \
+                iproute2
 
 # The kernel layer's BPF object (kmodd/bpf/kmodd.bpf.c): built here, shipped as package
 # data, so the target needs no compiler.  -g emits the BTF that CO-RE and libbpf need.

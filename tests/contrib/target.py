@@ -1,9 +1,10 @@
-"""The Ansible test's target: a Debian 12 chroot, built once per machine and copied per run.
+"""The Ansible test's target: a Debian chroot, built once per machine and copied per run.
 
-`debootstrap --variant=minbase bookworm` with python3 (Ansible's modules), python3-venv
-(the role's venv route), kmod and systemd (journalctl: `kmodctl simulate` reads journals
-with it), cached in /var/cache/kmodd-dev/ansible-target/rootfs-DIGEST (DIGEST: the release
-and package list; ~250 MB, ~80-150 s to build, reused after).  Each test session works on
+`debootstrap --variant=minbase RELEASE` (this machine's own: bookworm, trixie) with python3
+(Ansible's modules), python3-venv (the role's venv route), kmod and systemd (journalctl:
+`kmodctl simulate` reads journals with it), cached in
+/var/cache/kmodd-dev/ansible-target/rootfs-DIGEST (DIGEST: the release and package list;
+~250 MB, ~80-150 s to build, reused after).  Each test session works on
 a copy (`cp -a`, ~3 s) that is removed afterwards, so every session starts from a host
 that has no kmodd.  An flock serializes builders; a base is built beside its final name
 and renamed, so a half-built one is never used.
@@ -27,7 +28,21 @@ import pytest
 from tests.conftest import IN_CI
 
 CACHE = Path("/var/cache/kmodd-dev/ansible-target")
-RELEASE = "bookworm"  # the release of this machine: the wheels built here run there
+
+
+def this_release(os_release: Path = Path("/etc/os-release")) -> str:
+    """VERSION_CODENAME of this machine: the target is the same Debian release, so the
+    wheels built here (this Python's ABI: cp311 on Debian 12, cp313 on 13) install there.
+    A bookworm target under Debian 13 got cp313 wheels: "No matching distribution found
+    for PyYAML" (tools/test-debian13 found it)."""
+    for line in os_release.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key == "VERSION_CODENAME" and value.strip('"'):
+            return value.strip('"')
+    raise RuntimeError(f"{os_release}: no VERSION_CODENAME (the target needs a release)")
+
+
+RELEASE = this_release()
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ("python3", "python3-venv", "kmod", "systemd")
 BUILD_TIMEOUT_S = 1500  # debootstrap over a slow mirror; a hang fails, never eats CI

@@ -1,11 +1,11 @@
 """contrib/ansible for real: `ansible-playbook` runs the example playbook and the kmodd role
-against a Debian 12 chroot (debootstrap minbase + python3, python3-venv, kmod, systemd:
-tests/contrib/target.py), through the test's chroot connection
-(tests/contrib/ansible_plugins: ansible-core has none, see there).
+against a Debian chroot of this machine's release (debootstrap minbase + python3,
+python3-venv, kmod, systemd: tests/contrib/target.py), through the test's chroot
+connection (tests/contrib/ansible_plugins: ansible-core has none, see there).
 
 The target gets kmodd by the venv route, from this checkout's wheel and its dependencies'
-wheels (built on this Debian 12 machine: same Python 3.11 and libsystemd as the target), so
-no pip index is needed inside it.  Its recorded decisions are real kmodd records: the
+wheels (built on this machine: the same Debian release, so the same Python as the
+target), so no pip index is needed inside it.  Its recorded decisions are real kmodd records: the
 daemon's journal sink writes them into a journald instance that runs as host
 "ansible-target" (tests/journald.py), whose journal files are copied into the target; the
 role's gate reads them there with `kmodctl simulate --directory`.  The Debian kernel tree

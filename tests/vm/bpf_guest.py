@@ -18,6 +18,7 @@ import json
 import lzma
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,6 +274,8 @@ def s_nobody(_guest: Guest) -> dict[str, Any]:
 
 def s_forged(_guest: Guest) -> dict[str, Any]:
     """A fake trace line as a request name (rtnl-link-KIND from a user+net namespace)."""
+    if shutil.which("ip") is None:  # its exit 127 would pass for the kernel's refusal
+        raise RuntimeError("ip is missing (iproute2: the Makefile's APT_PACKAGES has it)")
     before = len(helper_runs())
     argv = [
         *NOBODY,
