@@ -8,10 +8,10 @@ what the policy decides from facts the kernel does not take.  So:
   and `unprivileged` (both functions of the real uid): the uid line is cut at every uid
   a rule names (and at 0/1), decide() runs once per piece with that uid, and the pieces
   that deny become uid-range conditions.  With no `requester:` key at all there is one
-  piece, and its decision is the one the snapshot made for the name (Generation keeps it).  A `gid` (supplementary groups), `unit` or
-  `container` key (pid namespaces, container cgroups) tests what the kernel layer does not
-  see: then no name gets an entry and the helper decides every request (the files table
-  and the events still work).
+  piece, and its decision is the one the snapshot made for the name (Generation keeps it).
+  A `gid` (supplementary groups), `unit` or `container` key (pid namespaces, container
+  cgroups) tests what the kernel layer does not see: then no name gets an entry and the
+  helper decides every request (the files table and the events still work).
 - Names are the helper snapshot's (every module and exact request alias of the tree).
   Names outside it (wildcard modaliases, unknown names) get no in-kernel verdict: the
   "" entry stays PASS, because a name the table does not know may resolve to modules.
